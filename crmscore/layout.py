@@ -1,0 +1,38 @@
+"""Where the service keeps things in Redis: one home for key names.
+
+The flow writes these keys and the server reads them; both build names here.
+
+>>> layout = RedisLayout("crm:")
+>>> layout.score("c-42"), layout.status(), layout.updates("c-42")
+('crm:score:c-42', 'crm:status', 'crm:updates:c-42')
+>>> layout.customer_id(b"crm:score:c-42")
+'c-42'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RedisLayout:
+    prefix: str = "crm:"
+
+    def score(self, customer_id: str) -> str:
+        """HASH {v: version, doc: JSON score document} of one customer."""
+        return f"{self.prefix}score:{customer_id}"
+
+    def status(self) -> str:
+        """HASH {v: version, doc: JSON pipeline status}."""
+        return f"{self.prefix}status"
+
+    def updates(self, customer_id: str) -> str:
+        """Pub/sub channel carrying each new score document of one customer."""
+        return f"{self.prefix}updates:{customer_id}"
+
+    def score_pattern(self) -> str:
+        return f"{self.prefix}score:*"
+
+    def customer_id(self, score_key: bytes | str) -> str:
+        key = score_key.decode() if isinstance(score_key, bytes) else score_key
+        return key[len(self.prefix) + len("score:") :]

@@ -1,0 +1,138 @@
+"""One frozen settings object, read from ``CRMSCORE_*`` environment variables.
+
+Every setting is declared once, below, with its variable, default and help text.
+The CLI builds its flags from the same declarations (see ``crmscore.cli``), so
+``--help`` always names the variable behind each flag. Business code receives a
+``Settings`` and never reads ``os.environ``.
+
+>>> s = Settings.from_env({"CRMSCORE_TOPIC_PARTITIONS": "8"})
+>>> s.topic_partitions, s.transactions_topic
+(8, 'crm.transactions')
+>>> Settings.from_env({"CRMSCORE_TOPIC_PARTITIONS": "many"})
+Traceback (most recent call last):
+...
+crmscore.settings.SettingsError: CRMSCORE_TOPIC_PARTITIONS: expected an integer, got 'many'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+PREFIX = "CRMSCORE_"
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
+    return field(default=default, metadata={"help": help, "secret": secret})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka
+    kafka_bootstrap: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers (host:port,...)")
+    kafka_config: str = _setting(
+        "",
+        "extra librdkafka settings for every client, 'key=value;key=value' "
+        "(e.g. security.protocol=SASL_SSL;sasl.mechanism=SCRAM-SHA-512;...)",
+        secret=True,
+    )
+    transactions_topic: str = _setting("crm.transactions", "topic of transaction events")
+    dlq_topic: str = _setting("crm.transactions.dlq", "dead-letter topic for rejected events")
+    alerts_topic: str = _setting("crm.alerts", "topic for customer alerts")
+    topic_partitions: int = _setting(4, "partitions for topics the service creates")
+    # Redis
+    redis_url: str = _setting(
+        "redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)", secret=True
+    )
+    redis_prefix: str = _setting("crm:", "prefix of every Redis key the service writes")
+    # Flow
+    recovery_dir: str = _setting(
+        ".crmscore/recovery", "bytewax recovery directory (created and initialised when empty)"
+    )
+    recovery_partitions: int = _setting(1, "recovery partitions created in an empty recovery dir")
+    snapshot_interval: float = _setting(2.0, "seconds between state snapshots (bytewax epoch)")
+    backup_interval: float = _setting(
+        0.0, "seconds to keep old snapshots (bytewax backup interval)"
+    )
+    lateness_days: float = _setting(
+        7.0, "event-time lateness window: duplicates are detected within it; "
+        "events later than this behind their customer's newest event are rejected"
+    )
+    max_future_seconds: float = _setting(
+        3600.0, "events whose occurred_at is further ahead of the wall clock are rejected"
+    )
+    # Serving
+    grpc_address: str = _setting("127.0.0.1:50051", "gRPC listen / connect address")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from ``env``; ``overrides`` (e.g. CLI flags) win over it."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            var = env_var(f.name)
+            if overrides.get(f.name) is not None:
+                values[f.name] = _convert(var, f.type, overrides[f.name])
+            elif var in env:
+                values[f.name] = _convert(var, f.type, env[var])
+        return cls(**values)
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka settings shared by every producer, consumer and admin client."""
+        config = {"bootstrap.servers": self.kafka_bootstrap}
+        for entry in filter(None, (e.strip() for e in self.kafka_config.split(";"))):
+            key, sep, value = entry.partition("=")
+            if not sep or not key.strip():
+                raise SettingsError(
+                    f"{env_var('kafka_config')}: expected 'key=value', got {entry.split('=')[0]!r}"
+                )
+            config[key.strip()] = value.strip()
+        return config
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict safe to log: secrets show only whether they are set."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["secret"]:
+                value = _redact(f.name, value)
+            out[f.name] = value
+        return out
+
+
+def env_var(name: str) -> str:
+    """The environment variable behind a setting: ``redis_url`` -> ``CRMSCORE_REDIS_URL``."""
+    return PREFIX + name.upper()
+
+
+def describe(name: str) -> tuple[str, Any]:
+    """Help text and default of one setting, for CLI flags and docs."""
+    f = {f.name: f for f in dataclasses.fields(Settings)}[name]
+    return f.metadata["help"], f.default
+
+
+def _convert(var: str, type_name: Any, raw: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str}[str(type_name)]
+    if isinstance(raw, kind):
+        return raw
+    try:
+        return kind(raw)
+    except ValueError:
+        word = {int: "an integer", float: "a number", str: "a string"}[kind]
+        raise SettingsError(f"{var}: expected {word}, got {raw!r}") from None
+
+
+def _redact(name: str, value: str) -> str:
+    if not value:
+        return value
+    if name == "redis_url" and "@" in value:
+        scheme, _, rest = value.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    if name == "redis_url":
+        return value
+    return "***"
