@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import logging
+
 import orjson
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import KafkaError, Message

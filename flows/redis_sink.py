@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -40,8 +40,7 @@ _RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _MAX_BACKOFF_S = 5.0
 
 
-@dataclass(frozen=True, slots=True)
-class VersionedDoc:
+class VersionedDoc(NamedTuple):
     key: str
     version: int
     doc: bytes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import bytewax.operators as op
 import orjson
@@ -38,20 +38,19 @@ from models.transaction import (
 Message = KafkaSourceMessage[bytes | None, bytes | None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Accepted:
     tx: Transaction
     msg: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Refused:
     rejection: Rejection
     msg: Message
 
 
-@dataclass(frozen=True, slots=True)
-class Counts:
+class Counts(NamedTuple):
     """Outcome counts of some messages, and the newest event time among those applied."""
 
     applied: int = 0

@@ -22,7 +22,8 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 import jsonschema_rs
@@ -33,11 +34,11 @@ import schemas
 SECOND_US = 1_000_000
 DAY_US = 86_400 * SECOND_US
 MICROS = 1_000_000
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
 _VALIDATOR = jsonschema_rs.validator_for(schemas.load("transaction.v1"), validate_formats=True)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: frozen __init__ costs ~1 µs per event
 class Transaction:
     """A valid purchase or refund, reduced to what the scores need."""
 
@@ -108,13 +109,32 @@ def parse_transaction(raw: bytes | None, now_us: int, max_future_us: int = 3600 
 
 
 def format_time(us: int) -> str:
-    """RFC 3339 UTC with microseconds, e.g. ``2025-03-01T09:00:00.000000Z``."""
-    return (_EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds, e.g. ``2025-03-01T09:00:00.000000Z``.
+
+    Integer arithmetic and a per-day cache: several times faster than strftime,
+    and this runs for every score document.
+    """
+    day, rest = divmod(us, DAY_US)
+    second, micro = divmod(rest, SECOND_US)
+    hour, second = divmod(second, 3600)
+    minute, second = divmod(second, 60)
+    return f"{_date_prefix(day)}{hour:02d}:{minute:02d}:{second:02d}.{micro:06d}Z"
 
 
 def parse_time(text: str) -> int:
     """Microseconds since the epoch of an RFC 3339 time (inverse of :func:`format_time`)."""
-    return (datetime.fromisoformat(text) - _EPOCH) // timedelta(microseconds=1)
+    t = datetime.fromisoformat(text)
+    us = ((t.toordinal() - _EPOCH_ORDINAL) * 86_400 + t.hour * 3600 + t.minute * 60
+          + t.second) * SECOND_US + t.microsecond
+    offset = t.utcoffset()
+    if offset:
+        us -= offset // timedelta(microseconds=1)
+    return us
+
+
+@lru_cache(maxsize=8192)
+def _date_prefix(day: int) -> str:
+    return datetime.fromordinal(day + _EPOCH_ORDINAL).strftime("%Y-%m-%dT")
 
 
 def _non_standard_json(raw: bytes, exc: orjson.JSONDecodeError) -> Rejection:

@@ -1,0 +1,127 @@
+"""Helpers for end-to-end tests: run the real flow as a process, read what it wrote."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from crmscore.layout import RedisLayout
+
+
+@dataclass
+class FlowEnv:
+    bootstrap: str
+    redis_url: str
+    token: str
+    recovery_dir: Path
+
+    @property
+    def topic(self) -> str:
+        return f"tx-{self.token}"
+
+    @property
+    def dlq(self) -> str:
+        return f"dlq-{self.token}"
+
+    @property
+    def layout(self) -> RedisLayout:
+        return RedisLayout(f"t{self.token}:")
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **os.environ,
+            "CRMSCORE_KAFKA_BOOTSTRAP": self.bootstrap,
+            "CRMSCORE_REDIS_URL": self.redis_url,
+            "CRMSCORE_TRANSACTIONS_TOPIC": self.topic,
+            "CRMSCORE_DLQ_TOPIC": self.dlq,
+            "CRMSCORE_REDIS_PREFIX": self.layout.prefix,
+            "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
+            "CRMSCORE_SNAPSHOT_INTERVAL": "0.25",
+            **extra,
+        }
+
+    def start_flow(self, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
+        log = open(self.recovery_dir.parent / f"flow-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
+        return subprocess.Popen(
+            [sys.executable, "-m", "crmscore.cli", "flow", *args],
+            env=self.env(**extra_env), stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def status(conn: redis.Redis, layout: RedisLayout) -> dict[str, Any] | None:
+    raw = conn.hget(layout.status(), "doc")
+    return None if raw is None else orjson.loads(raw)
+
+
+def wait_for_consumed(conn: redis.Redis, layout: RedisLayout, at_least: int,
+                      proc: subprocess.Popen[bytes] | None = None, timeout: float = 180,
+                      since: float | None = None) -> dict[str, Any]:
+    """Wait until the status shows ``at_least`` consumed events, written after ``since``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status(conn, layout)
+        fresh = since is None or (st is not None and _epoch(st["updated_at"]) >= since)
+        if st is not None and st["events_consumed"] >= at_least and fresh:
+            return st
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"flow exited with {proc.returncode} before consuming "
+                                 f"{at_least} events (status {st})")
+        time.sleep(0.005)
+    raise AssertionError(f"flow did not consume {at_least} events in {timeout} s: {st}")
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
+
+
+def kill(proc: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> int:
+    proc.send_signal(sig)
+    return proc.wait(30)
+
+
+def score_documents(conn: redis.Redis, layout: RedisLayout) -> dict[str, dict[str, Any]]:
+    keys = list(conn.scan_iter(match=layout.score_pattern(), count=1000))
+    pipe = conn.pipeline(transaction=False)
+    for key in keys:
+        pipe.hget(key, "doc")
+    docs = pipe.execute()
+    return {layout.customer_id(k): orjson.loads(d) for k, d in zip(keys, docs, strict=True)}
+
+
+def read_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 30
+               ) -> list[tuple[int, int, bytes | None, bytes | None]]:
+    """Every message of ``topic`` as (partition, offset, key, value), read to the end."""
+    consumer = Consumer({
+        "bootstrap.servers": bootstrap, "group.id": f"reader-{time.monotonic_ns()}",
+        "enable.partition.eof": True, "auto.offset.reset": "earliest",
+        "enable.auto.commit": False, "fetch.wait.max.ms": 10,
+    })
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    done: set[int] = set()
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(done) < partitions and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None:
+            continue
+        if msg.error():
+            if msg.error().code() == KafkaError._PARTITION_EOF:
+                done.add(msg.partition())
+                continue
+            raise AssertionError(f"reading {topic}: {msg.error()}")
+        out.append((msg.partition(), msg.offset(), msg.key(), msg.value()))
+    consumer.close()
+    assert len(done) == partitions, f"did not reach the end of {topic} in {timeout} s"
+    return out
