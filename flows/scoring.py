@@ -59,6 +59,17 @@ class Counts(NamedTuple):
     clock_us: int | None = None
 
 
+def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
+    applied, duplicate, rejected, clock = start or Counts()
+    for c in batch:
+        applied += c.applied
+        duplicate += c.duplicate
+        rejected += c.rejected
+        if c.clock_us is not None and (clock is None or c.clock_us > clock):
+            clock = c.clock_us
+    return Counts(applied, duplicate, rejected, clock)
+
+
 def parse(msg: Message, max_future_us: int) -> Accepted | Refused:
     parsed = parse_transaction(msg.value, time.time_ns() // 1000, max_future_us)
     if isinstance(parsed, Rejection):
@@ -118,19 +129,10 @@ class StatusLogic(StatefulBatchLogic[Counts, VersionedDoc, bytes]):
 
     def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
         self.totals = Counts() if resume is None else pickle.loads(resume)
-        self.version = self.totals.applied + self.totals.duplicate + self.totals.rejected
         self.layout = layout
 
     def on_batch(self, values: list[Counts]) -> tuple[list[VersionedDoc], bool]:
-        t = self.totals
-        applied, duplicate, rejected, clock = t.applied, t.duplicate, t.rejected, t.clock_us
-        for c in values:
-            applied += c.applied
-            duplicate += c.duplicate
-            rejected += c.rejected
-            if c.clock_us is not None and (clock is None or c.clock_us > clock):
-                clock = c.clock_us
-        self.totals = Counts(applied, duplicate, rejected, clock)
+        self.totals = applied, duplicate, rejected, clock = sum_counts(values, self.totals)
         consumed = applied + duplicate + rejected
         doc = {
             "events_consumed": consumed,
@@ -185,6 +187,8 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     counts = op.merge("all_counts", is_counts.trues,
                       op.map("count_refused_early", refused_early, lambda _: Counts(rejected=1)))
     # Counts
+    # One item per batch, not per customer, crosses to the single status key.
+    counts = op.flat_map_batch("sum_counts", counts, lambda batch: [sum_counts(batch)])
     status = op.stateful_batch(
         "status", op.key_on("status_key", counts, lambda _: "status"),
         lambda resume: StatusLogic(resume, layout),

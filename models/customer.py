@@ -201,14 +201,16 @@ class CustomerState:
         assert self.max_event_us is not None, "no event applied yet"
         as_of = self.max_event_us
         last = self.last_purchase_us
+        as_of_text = format_time(as_of)  # formatting is the costliest part: reuse it
         return {
             "customer_id": self.customer_id,
             "version": self.version,
-            "as_of": format_time(as_of),
+            "as_of": as_of_text,
             "currency": self.currency,
-            "first_purchase_at": _time_or_none(self.first_purchase_us),
-            "last_purchase_at": _time_or_none(last),
-            "last_event_at": format_time(self.max_event_us),
+            "first_purchase_at": as_of_text if self.first_purchase_us == as_of
+            else _time_or_none(self.first_purchase_us),
+            "last_purchase_at": as_of_text if last == as_of else _time_or_none(last),
+            "last_event_at": as_of_text,
             "rfm": {
                 "recency_days": None if last is None else (as_of - last) / DAY_US,
                 "frequency": self.purchase_count,
