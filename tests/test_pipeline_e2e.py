@@ -150,3 +150,29 @@ def test_restart_resumes_from_snapshot(broker, redis_url, unique, tmp_path, data
     check_final_state(env, conn, expected, len(lines))
     # Had the second run started over, the first half's dead letters would be sent twice.
     assert len(read_topic(env.bootstrap, env.dlq, PARTITIONS)) == expected.rejected
+
+
+def test_flow_rides_out_a_frozen_redis(broker, unique, tmp_path, dataset):
+    """Redis frozen mid-stream: the sink backs off and retries; nothing lost or doubled."""
+    from crmscore.embedded import start_redis
+
+    lines, expected = dataset
+    private = start_redis()
+    try:
+        url = f"redis://{private.address}/0"
+        env = FlowEnv(broker.address, url, unique, tmp_path / "recovery")
+        conn = redis.Redis.from_url(url)
+        publisher = threading.Thread(target=publish, args=(env, lines, 8000.0))
+        proc = env.start_flow()
+        publisher.start()
+        wait_for_consumed(conn, env.layout, len(lines) // 3, proc)
+        private.pause()
+        time.sleep(7)  # longer than the sink's 5 s socket timeout: its retries kick in
+        assert proc.poll() is None, "the flow must wait for Redis, not die"
+        private.resume()
+        publisher.join()
+        wait_for_consumed(conn, env.layout, len(lines), proc)
+        kill(proc, signal.SIGTERM)
+        check_final_state(env, conn, expected, len(lines))
+    finally:
+        private.stop()
