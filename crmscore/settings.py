@@ -70,6 +70,41 @@ class Settings:
     # Serving
     grpc_address: str = _setting("127.0.0.1:50051", "gRPC listen / connect address")
 
+    # Serving (gRPC API, issue 4): server
+    grpc_workers: int = _setting(32, "gRPC server threads (each open WatchCustomer holds one)")
+    grpc_max_message_bytes: int = _setting(
+        4 * 1024 * 1024, "largest gRPC message the server receives or sends, in bytes"
+    )
+    grpc_grace_seconds: float = _setting(
+        5.0, "seconds in-flight calls get to finish when the server stops"
+    )
+    redis_timeout: float = _setting(
+        0.5, "most seconds the server waits for Redis per call (a shorter deadline wins)"
+    )
+    health_interval: float = _setting(
+        1.0, "seconds between the server's Redis health checks"
+    )
+    max_watchers: int = _setting(
+        16, "most concurrent WatchCustomer streams (each holds a server thread)"
+    )
+    auth: str = _setting("on", "API key authentication: 'on', or 'off' for local demos only")
+    api_keys: str = _setting(
+        "", "accepted API keys, comma-separated 'role:sha256hex' entries "
+        "(roles reader, admin; create with `crmscore keys new`)", secret=True
+    )
+    tls_cert: str = _setting("", "server certificate chain (PEM file); with tls_key enables TLS")
+    tls_key: str = _setting("", "server private key (PEM file)")
+    tls_client_ca: str = _setting(
+        "", "CA bundle (PEM file) to verify client certificates; set to require them (mTLS)"
+    )
+    metrics_port: int = _setting(9464, "Prometheus metrics HTTP port of the server (0: off)")
+    # Serving: client (crmscore score)
+    api_key: str = _setting("", "API key the client sends", secret=True)
+    grpc_timeout: float = _setting(5.0, "client deadline per call, in seconds")
+    tls_ca: str = _setting("", "CA bundle (PEM file) the client trusts; set to connect with TLS")
+    tls_client_cert: str = _setting("", "client certificate (PEM file) for mTLS")
+    tls_client_key: str = _setting("", "client private key (PEM file) for mTLS")
+
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
         """Build settings from ``env``; ``overrides`` (e.g. CLI flags) win over it."""

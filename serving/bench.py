@@ -1,0 +1,276 @@
+"""Benchmark of the scoring API beside a trivial echo service on the same grpc stack.
+
+    python -m serving.bench [--seconds 5] [--rate 1000] [--batch-rate 100] [--concurrency 64]
+
+Starts a private Redis seeded with score documents, then, each in its own child process
+(so the client never shares a GIL with the server), a trivial echo server and the real
+scoring server (auth on, same thread pool and options). A grpc.aio client in this
+process measures, for each: latency p50/p99 at a fixed request rate, and peak QPS with
+``--concurrency`` calls in flight. It prints numbers and asserts nothing.
+Targets (2-core box, client and server on it): GetScore p99 <= 2 ms at 1,000 QPS;
+peak GetScore QPS >= 60% of the echo service's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+
+import grpc
+import orjson
+import redis
+
+from crmscore.embedded import free_port, port_open, start_redis
+from crmscore.layout import RedisLayout
+from crmscore.settings import Settings
+from crmscore.v1 import scoring_pb2, scoring_pb2_grpc
+from serving.auth import entry, new_key
+
+ECHO_METHOD = "/bench.Echo/Echo"
+PREFIX = "bench:"
+
+Call = Callable[[int], Awaitable[object]]
+
+
+# -- servers (child processes) -------------------------------------------------------------
+
+
+def serve_echo(port: int, settings: Settings) -> None:
+    limit = settings.grpc_max_message_bytes
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers),
+        options=[("grpc.max_receive_message_length", limit),
+                 ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 0)],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    _wait_for_signal()
+    server.stop(0)
+
+
+def serve_scoring(port: int, settings: Settings) -> None:
+    from serving.server import create_server
+
+    server, _ = create_server(settings, f"127.0.0.1:{port}")
+    server.start()
+    _wait_for_signal()
+    server.stop(0)
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+
+
+def spawn(kind: str, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.bench", "--serve", kind, "--port", str(port)],
+        env={**os.environ, **env},
+    )
+    deadline = time.monotonic() + 20
+    while not port_open("127.0.0.1", port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the {kind} server did not start on port {port}")
+        time.sleep(0.05)
+    return proc
+
+
+# -- load (this process) -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    p50_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    rate: float = 0.0
+    peak_qps: float = 0.0
+    errors: int = 0
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def fixed_rate(call: Call, rate: float, seconds: float) -> tuple[list[float], int]:
+    loop = asyncio.get_running_loop()
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(i: int) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        try:
+            await call(i)
+        except grpc.RpcError:
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - started)
+
+    tasks = []
+    start = loop.time() + 0.05
+    for i in range(int(rate * seconds)):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return sorted(latencies), errors
+
+
+async def peak(call: Call, concurrency: int, seconds: float) -> tuple[float, int]:
+    loop = asyncio.get_running_loop()
+    done = errors = 0
+    stop = loop.time() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done, errors
+        i = w
+        while loop.time() < stop:
+            try:
+                await call(i)
+                done += 1
+            except grpc.RpcError:
+                errors += 1
+            i += concurrency
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return done / (time.perf_counter() - started), errors
+
+
+async def measure(name: str, call: Call, rate: float, args: argparse.Namespace) -> Result:
+    for i in range(200):  # warm-up: connections, caches, thread pool
+        await call(i)
+    latencies, errors = await fixed_rate(call, rate, args.seconds)
+    qps, peak_errors = await peak(call, args.concurrency, args.seconds)
+    result = Result(name, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
+                    rate, qps, errors + peak_errors)
+    print(f"  {name:<24} p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms "
+          f"at {rate:g}/s   peak {qps:8.0f} QPS ({args.concurrency} in flight)"
+          + (f"  errors {result.errors}" if result.errors else ""), flush=True)
+    return result
+
+
+async def run_clients(args: argparse.Namespace, ports: dict[str, int], key: str,
+                      customers: int) -> list[Result]:
+    results = []
+    ids = [f"bench-{n}" for n in range(customers)]
+    rng = random.Random(7)
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['echo']}") as channel:
+        echo = channel.unary_unary(ECHO_METHOD)
+        payload = scoring_pb2.GetScoreRequest(customer_id="bench-1").SerializeToString()
+        results.append(await measure(
+            "echo", lambda i: echo(payload, timeout=5), args.rate, args))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['scoring']}") as channel:
+        stub = scoring_pb2_grpc.ScoringStub(channel)
+        requests = [scoring_pb2.GetScoreRequest(customer_id=c) for c in ids]
+        results.append(await measure(
+            "GetScore", lambda i: stub.GetScore(requests[i % customers], timeout=5,
+                                                metadata=metadata), args.rate, args))
+        batches = [scoring_pb2.BatchGetScoresRequest(customer_ids=rng.sample(ids, 100))
+                   for _ in range(200)]
+        results.append(await measure(
+            "BatchGetScores(100)", lambda i: stub.BatchGetScores(
+                batches[i % len(batches)], timeout=5, metadata=metadata),
+            args.batch_rate, args))
+    return results
+
+
+def seed(url: str, customers: int) -> None:
+    conn = redis.Redis.from_url(url)
+    layout = RedisLayout(PREFIX)
+    pipe = conn.pipeline(transaction=False)
+    for n in range(customers):
+        cid = f"bench-{n}"
+        doc = {
+            "customer_id": cid, "version": 3, "as_of": "2026-01-02T03:04:05.000000Z",
+            "currency": "EUR", "first_purchase_at": "2025-01-02T03:04:05.000000Z",
+            "last_purchase_at": "2025-12-02T03:04:05.000000Z",
+            "last_event_at": "2026-01-02T03:04:05.000000Z",
+            "rfm": {"recency_days": 31.0, "frequency": 12, "monetary": 512.3, "r_score": 3,
+                    "f_score": 4, "m_score": 4, "cell": "344", "segment": "loyal"},
+            "purchase_count": 12, "gross_monetary": 530.0, "net_monetary": 512.3,
+            "refund_count": 1, "refund_total": 17.7, "gap_mean_days": 30.1, "gap_std_days": 4.2,
+            "windows": {w: {"purchases": 2, "spend": 80.0, "refunds": 0.0}
+                        for w in ("30d", "90d", "365d")},
+            "churn_risk": 0.2, "churn_horizon_days": 90, "p_alive": 0.83,
+            "expected_purchases": 3.1, "clv_historic": 512.3, "clv_predicted": 401.0,
+            "clv_horizon_days": 365, "lifecycle_stage": "active", "value_tier": "high",
+            "strategy": {"name": "loyalty_reward", "reason": "frequent, high value"},
+            "model_version": "bench-1",
+        }
+        pipe.hset(layout.score(cid), mapping={"v": 3, "doc": orjson.dumps(doc)})
+        if n % 1000 == 999:
+            pipe.execute()
+    pipe.execute()
+    conn.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--rate", type=float, default=1000.0, help="fixed rate, calls/s")
+    parser.add_argument("--batch-rate", type=float, default=100.0,
+                        help="fixed rate of BatchGetScores(100), calls/s")
+    parser.add_argument("--concurrency", type=int, default=64, help="calls in flight at peak")
+    parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--serve", choices=["echo", "scoring"], help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.serve:
+        settings = Settings.from_env(os.environ)
+        (serve_echo if args.serve == "echo" else serve_scoring)(args.port, settings)
+        return 0
+
+    redis_server = start_redis()
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        url = f"redis://{redis_server.address}/0"
+        seed(url, args.customers)
+        key = new_key()
+        env = {"CRMSCORE_REDIS_URL": url, "CRMSCORE_REDIS_PREFIX": PREFIX,
+               "CRMSCORE_API_KEYS": entry("reader", key), "CRMSCORE_METRICS_PORT": "0"}
+        ports = {"echo": free_port(), "scoring": free_port()}
+        for kind, port in ports.items():
+            children.append(spawn(kind, port, env))
+        print(f"serving benchmark: {os.cpu_count()} CPUs, grpcio {grpc.__version__}, "
+              f"{args.customers:,} customers, sync grpc server with "
+              f"{Settings.from_env(os.environ).grpc_workers} threads, auth on, grpc.aio client")
+        results = asyncio.run(run_clients(args, ports, key, args.customers))
+        echo, get, _ = results
+        print(f"  GetScore p99 at {args.rate:g}/s: {get.p99_ms:.2f} ms (target <= 2 ms); "
+              f"peak GetScore / echo: {get.peak_qps / echo.peak_qps:.0%} (target >= 60%)")
+    finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(10)
+        redis_server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Read-only access to the score documents in Redis (layout in docs/design.md).
+
+Every call is bounded: it waits for Redis at most ``redis_timeout`` seconds, or less
+when the caller's gRPC deadline is nearer, and a refused, broken or frozen Redis
+becomes :class:`~serving.errors.Unavailable` instead of a hang. Commands go straight
+over the calling thread's own connection (one round trip, batches pipelined; no pool
+checkout per call, which cost a quarter of a GetScore's Redis time) with a per-read
+timeout; a connection that failed mid-reply is closed and reconnects on its next use,
+so the next call starts clean and the store recovers by itself when Redis returns.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import redis
+
+from crmscore.clients import redis_client
+from crmscore.layout import RedisLayout
+from crmscore.settings import Settings
+from serving.errors import DataError, DeadlineExceeded, Unavailable
+from serving.metrics import REDIS_ERRORS
+
+_FAILURES = (redis.ConnectionError, redis.TimeoutError, OSError)
+SCAN_COUNT = 1000
+
+
+class ScoreStore:
+    """Score documents, pipeline status and model report, read from Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.layout = RedisLayout(settings.redis_prefix)
+        self.timeout = settings.redis_timeout
+        self.client = redis_client(
+            settings,
+            socket_timeout=settings.redis_timeout,
+            socket_connect_timeout=settings.redis_timeout,
+        )
+        self._pool = self.client.connection_pool
+        self._local = threading.local()  # .conn: this thread's connection
+
+    def close(self) -> None:
+        self._pool.disconnect()
+        self.client.close()
+
+    # -- documents -----------------------------------------------------------------------
+
+    def get(self, customer_id: str, timeout: float | None = None) -> bytes | None:
+        """The JSON score document of one customer, or None."""
+        (doc,) = self._call("get", [("HGET", self.layout.score(customer_id), "doc")], timeout)
+        return doc
+
+    def get_many(self, customer_ids: Sequence[str], timeout: float | None = None) -> list[Any]:
+        """Score documents (or None) of several customers, in one pipelined round trip."""
+        score = self.layout.score
+        return self._call("get_many", [("HGET", score(c), "doc") for c in customer_ids], timeout)
+
+    def status(self, timeout: float | None = None) -> bytes | None:
+        """The JSON pipeline status document, or None before the flow wrote one."""
+        (doc,) = self._call("status", [("HGET", self.layout.status(), "doc")], timeout)
+        return doc
+
+    def model_report(self, timeout: float | None = None) -> bytes | None:
+        """The JSON model report at ``{prefix}models`` (a string, or a HASH's ``doc``)."""
+        key = self.model_report_key()
+        deadline = self._deadline(timeout)
+        (kind,) = self._call("model_report", [("TYPE", key)], deadline=deadline)
+        if kind in (b"none", "none"):
+            return None
+        command = ("HGET", key, "doc") if kind in (b"hash", "hash") else ("GET", key)
+        (doc,) = self._call("model_report", [command], deadline=deadline)
+        return doc
+
+    def model_report_key(self) -> str:
+        # Not in crmscore/layout.py yet; the models issue will move it there.
+        return f"{self.layout.prefix}models"
+
+    def iter_docs(self, timeout: float | None = None) -> Iterator[bytes]:
+        """Every score document, by SCAN over the score keys: O(customers) per call."""
+        deadline = self._deadline(timeout)
+        cursor: Any = 0
+        while True:
+            ((cursor, keys),) = self._call(
+                "scan",
+                [("SCAN", cursor, "MATCH", self.layout.score_pattern(), "COUNT", SCAN_COUNT)],
+                deadline=deadline,
+            )
+            if keys:
+                docs = self._call("scan", [("HGET", k, "doc") for k in keys], deadline=deadline)
+                yield from (d for d in docs if d is not None)
+            if int(cursor) == 0:
+                return
+
+    def ping(self, timeout: float | None = None) -> None:
+        """Raise :class:`Unavailable` unless Redis answers PING in time."""
+        self._call("ping", [("PING",)], timeout)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _deadline(self, timeout: float | None) -> float:
+        wait = self.timeout if timeout is None else min(timeout, self.timeout)
+        return time.monotonic() + wait
+
+    def _call(
+        self,
+        op: str,
+        commands: list[tuple[Any, ...]],
+        timeout: float | None = None,
+        *,
+        deadline: float | None = None,
+    ) -> list[Any]:
+        """Send ``commands`` in one write and read their replies before ``deadline``."""
+        if deadline is None:
+            deadline = self._deadline(timeout)
+        if deadline <= time.monotonic():
+            raise DeadlineExceeded(f"the deadline passed before Redis was asked ({op})")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._local.conn = self._pool.get_connection()
+            except _FAILURES as exc:
+                REDIS_ERRORS.labels(op).inc()
+                raise Unavailable(f"Redis unavailable ({op}): {exc}") from exc
+        # A connection idle across a Redis restart fails on first use: retry that once.
+        reused = conn._sock is not None
+        try:
+            return self._exchange(conn, commands, deadline)
+        except redis.ConnectionError:
+            conn.disconnect()
+            if not reused or deadline <= time.monotonic():
+                REDIS_ERRORS.labels(op).inc()
+                raise Unavailable(f"Redis unavailable ({op})") from None
+        try:
+            return self._exchange(conn, commands, deadline)
+        except redis.ConnectionError as exc:
+            conn.disconnect()
+            REDIS_ERRORS.labels(op).inc()
+            raise Unavailable(f"Redis unavailable ({op}): {exc}") from exc
+
+    def _exchange(self, conn: Any, commands: list[tuple[Any, ...]], deadline: float) -> list[Any]:
+        try:
+            if len(commands) == 1:
+                conn.send_command(*commands[0])
+            else:
+                conn.send_packed_command(conn.pack_commands(commands))
+            replies = []
+            for _ in commands:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise redis.TimeoutError("deadline reached between replies")
+                replies.append(conn.read_response(timeout=remaining))
+            return replies
+        except redis.ConnectionError:
+            raise  # the caller decides whether to retry
+        except (redis.TimeoutError, OSError) as exc:
+            conn.disconnect()  # a reply may still be on its way: reconnect at next use
+            op = str(commands[0][0]).lower()
+            REDIS_ERRORS.labels(op).inc()
+            raise Unavailable(f"Redis unavailable ({op}): {exc}") from exc
+        except redis.ResponseError as exc:
+            conn.disconnect()  # later replies of the batch are unread
+            raise DataError(f"Redis refused {commands[0][0]}: {exc}") from exc
