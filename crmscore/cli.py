@@ -45,7 +45,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
         )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and one sub-parser per command (flags added on demand)."""
     parser = argparse.ArgumentParser(
         prog="crmscore",
         description="Real-time customer scoring for CRM. Settings come from CRMSCORE_* "
@@ -53,19 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (_, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
-    return parser
+    commands = {
+        name: sub.add_parser(name, help=help_text, description=help_text)
+        for name, (_, help_text) in COMMANDS.items()
+    }
+    return parser, commands
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser, commands = build_parser()
     # Let the chosen command's module add its own flags before the full parse.
     command = next((a for a in argv if not a.startswith("-")), None)
     if command in COMMANDS:
         module = importlib.import_module(COMMANDS[command][0])
-        module.configure(parser._subparsers._group_actions[0].choices[command])  # type: ignore[union-attr]
+        module.configure(commands[command])
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
