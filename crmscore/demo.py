@@ -382,7 +382,7 @@ class Feeder(threading.Thread):
         ids = sorted(self.customers)
         while not self.stop.is_set():
             featured = self.featured is not None and rng.random() < FEATURED_SHARE
-            customer_id = self.featured if featured else rng.choice(ids)
+            customer_id = self.featured if featured and self.featured else rng.choice(ids)
             event = {
                 "event_id": f"demo-{uuid.uuid4().hex}",
                 "customer_id": customer_id,

@@ -117,9 +117,9 @@ class Settings:
                 values[f.name] = _convert(var, f.type, env[var])
         return cls(**values)
 
-    def kafka_client_config(self) -> dict[str, str]:
+    def kafka_client_config(self) -> dict[str, Any]:
         """librdkafka settings shared by every producer, consumer and admin client."""
-        config = {"bootstrap.servers": self.kafka_bootstrap}
+        config: dict[str, Any] = {"bootstrap.servers": self.kafka_bootstrap}
         for entry in filter(None, (e.strip() for e in self.kafka_config.split(";"))):
             key, sep, value = entry.partition("=")
             if not sep or not key.strip():

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
@@ -87,7 +87,7 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
         pipe = self._client.pipeline(transaction=False)
         for start in range(0, len(docs), _CHUNK):
             chunk = docs[start : start + _CHUNK]
-            args: list[object] = []
+            args: list[Any] = []
             for d in chunk:
                 args += (d.version, d.doc, d.channel)
             self._script(keys=[d.key for d in chunk], args=args, client=pipe)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pickle
 import time
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import bytewax.operators as op
 import orjson
@@ -77,6 +77,10 @@ def parse(msg: Message, max_future_us: int) -> Accepted | Refused:
     return Accepted(parsed, msg)
 
 
+def is_accepted(parsed: Accepted | Refused) -> TypeGuard[Accepted]:
+    return isinstance(parsed, Accepted)
+
+
 def kafka_error(err: KafkaError[bytes | None, bytes | None]) -> Refused:
     return Refused(Rejection("kafka_error", f"consumer error: {err.err}"), err.msg)
 
@@ -108,7 +112,7 @@ class CustomerLogic(StatefulBatchLogic[Accepted, Any, bytes]):
                 applied += 1
             elif outcome is DUPLICATE:
                 duplicate += 1
-            else:
+            elif isinstance(outcome, Rejection):
                 rejected += 1
                 out.append(Refused(outcome, item.msg))
         if applied:
@@ -165,7 +169,7 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     # KafkaSourceMessage(key=customer_id bytes, value=event JSON bytes)
     parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us))
     # Accepted(tx, msg) | Refused(rejection, msg)
-    valid = op.branch("is_valid", parsed, lambda p: isinstance(p, Accepted))
+    valid = op.branch("is_valid", parsed, is_accepted)
     broken = op.map("kafka_errors", kafka.errs, kafka_error)
     # Refused
     by_customer = op.key_on("by_customer", valid.trues, lambda a: a.tx.customer_id)
