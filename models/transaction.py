@@ -34,6 +34,7 @@ import schemas
 SECOND_US = 1_000_000
 DAY_US = 86_400 * SECOND_US
 MICROS = 1_000_000
+MAX_EVENT_BYTES = 1 << 20  # Kafka's default message size limit; larger is abuse, not a sale
 _EPOCH_ORDINAL = datetime(1970, 1, 1).toordinal()
 _VALIDATOR = jsonschema_rs.validator_for(schemas.load("transaction.v1"), validate_formats=True)
 
@@ -68,10 +69,15 @@ def parse_transaction(raw: bytes | None, now_us: int, max_future_us: int = 3600 
     """Parse and validate one raw event; ``now_us`` is the wall clock (for future events)."""
     if raw is None:
         return Rejection("not_json", "message has no value (null payload)")
+    if len(raw) > MAX_EVENT_BYTES:
+        return Rejection("too_large", f"event is {len(raw):,} bytes; the limit is "
+                         f"{MAX_EVENT_BYTES:,}")
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        return _non_standard_json(raw, exc)
+        obj = _load_beyond_orjson(raw, exc)
+        if isinstance(obj, Rejection):
+            return obj
     if not isinstance(obj, dict):
         return Rejection("not_object", f"expected a JSON object, got {_json_type(obj)}")
     if not _VALIDATOR.is_valid(obj):
@@ -137,11 +143,11 @@ def _date_prefix(day: int) -> str:
     return datetime.fromordinal(day + _EPOCH_ORDINAL).strftime("%Y-%m-%dT")
 
 
-def _non_standard_json(raw: bytes, exc: orjson.JSONDecodeError) -> Rejection:
-    # orjson refuses NaN, Infinity and numbers beyond float range (1e400); the standard
-    # library accepts them, which lets us say *which* field was not finite.
+def _load_beyond_orjson(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """JSON orjson refuses but the standard allows (integers beyond 64 bits, numbers
+    beyond float range), or a Rejection naming why it is not JSON."""
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw)  # accepts NaN and Infinity too: tell them apart below
     except (ValueError, RecursionError):
         return Rejection("not_json", f"not valid JSON: {exc}")
     if isinstance(obj, dict):
@@ -149,7 +155,14 @@ def _non_standard_json(raw: bytes, exc: orjson.JSONDecodeError) -> Rejection:
         if isinstance(amount, float) and not math.isfinite(amount):
             return Rejection("amount_not_finite", f"amount is {amount}, not a finite number",
                              "amount")
-    return Rejection("not_json", f"not valid JSON (non-finite number): {exc}")
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant)
+    except ValueError as constant:
+        return Rejection("not_json", f"not valid JSON: {constant}")
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _schema_rejection(obj: dict[str, Any]) -> Rejection:
