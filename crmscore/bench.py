@@ -30,7 +30,7 @@ from crmscore import embedded
 from crmscore.clients import ensure_topics, producer
 from crmscore.settings import Settings
 from flows.baseline import build_baseline_flow
-from flows.main import recovery_config
+from flows.main import recovery_config, tune_gc
 from flows.scoring import build_flow
 from models.transaction import parse_transaction
 
@@ -74,6 +74,7 @@ def _bench(args: argparse.Namespace, settings: Settings, work: Path) -> int:
     print(f"{len(lines):,} events on {settings.topic_partitions} partitions "
           f"({settings.transactions_topic})")
     print(f"parse + validate: {_validation_cost_us(lines):.1f} µs/event")
+    tune_gc()  # as `crmscore flow` does; applies to every flow below alike
 
     def full(recovery: bool) -> Callable[[int], float]:
         def one(run_no: int) -> float:

@@ -56,7 +56,7 @@ class Settings:
         ".crmscore/recovery", "bytewax recovery directory (created and initialised when empty)"
     )
     recovery_partitions: int = _setting(1, "recovery partitions created in an empty recovery dir")
-    snapshot_interval: float = _setting(2.0, "seconds between state snapshots (bytewax epoch)")
+    snapshot_interval: float = _setting(5.0, "seconds between state snapshots (bytewax epoch)")
     backup_interval: float = _setting(
         0.0, "seconds to keep old snapshots (bytewax backup interval)"
     )

@@ -9,6 +9,7 @@ its last snapshot: per-customer state, status counts and Kafka offsets together.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -54,6 +55,20 @@ def recovery_config(settings: Settings) -> RecoveryConfig:
     return RecoveryConfig(str(db_dir), backup_interval=timedelta(seconds=settings.backup_interval))
 
 
+def tune_gc() -> None:
+    """Make CPython's cyclic garbage collector run rarely.
+
+    The flow holds one long-lived state object per customer and allocates many
+    short-lived tuples per event; with the default thresholds, full collections keep
+    re-scanning every customer's state (11% of the flow's time at 20k customers,
+    growing with the population). Per-customer state has no reference cycles, so
+    collecting seldom costs little memory.
+    """
+    gc.collect()
+    gc.freeze()  # what exists at start-up is never garbage: keep it out of every scan
+    gc.set_threshold(100_000, 50, 100)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     # A flow started in the background of a shell ignores SIGINT; make SIGTERM and
     # SIGINT both stop it at once. That is safe by design: a stop is a crash the flow
@@ -63,6 +78,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
     ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic])
+    tune_gc()
     recovery = None if args.no_recovery else recovery_config(settings)
     log.info("flow starting: %s", settings.redacted())
     addresses = args.addresses.split(";") if args.addresses else None

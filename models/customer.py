@@ -178,23 +178,26 @@ class CustomerState:
 
     def windows(self, as_of_us: int) -> dict[str, dict[str, float]]:
         """Purchases, spend and refunds in the trailing windows ending at ``as_of_us``."""
-        out = {}
-        for days in WINDOW_DAYS:
-            start = as_of_us - days * DAY_US
-            purchases = spend = refunds = 0
-            for t, amount, is_refund in reversed(self.recent):
-                if t <= start:
-                    break
-                if t > as_of_us:
-                    continue
+        starts = [as_of_us - days * DAY_US for days in WINDOW_DAYS]  # narrowest first
+        sums = [[0, 0, 0] for _ in WINDOW_DAYS]  # purchases, spend, refunds (micro-units)
+        narrowest = 0  # index of the narrowest window still containing the entry
+        for t, amount, is_refund in reversed(self.recent):  # one pass, newest first
+            if t > as_of_us:
+                continue
+            while narrowest < len(starts) and t <= starts[narrowest]:
+                narrowest += 1
+            if narrowest == len(starts):
+                break
+            for acc in sums[narrowest:]:
                 if is_refund:
-                    refunds += amount
+                    acc[2] += amount
                 else:
-                    purchases += 1
-                    spend += amount
-            out[f"{days}d"] = {"purchases": purchases, "spend": spend / MICROS,
-                               "refunds": refunds / MICROS}
-        return out
+                    acc[0] += 1
+                    acc[1] += amount
+        return {
+            f"{days}d": {"purchases": n, "spend": spend / MICROS, "refunds": refunds / MICROS}
+            for days, (n, spend, refunds) in zip(WINDOW_DAYS, sums, strict=True)
+        }
 
     def document(self) -> dict[str, Any]:
         """The customer's score document (see docs/design.md), as of their newest event."""
