@@ -1,0 +1,220 @@
+"""Champion/challenger for churn models: every model learns and is measured, one is served.
+
+The flow keeps one :class:`ChurnArena` (global state, snapshotted with the flow). At each
+purchase it calls :meth:`ChurnArena.open` (every model predicts; the
+:class:`~models.churn.PendingLabel` goes into the customer's state) and
+:meth:`ChurnArena.predict` (the served score); when a label matures
+(:func:`~models.churn.mature_on_purchase` / :func:`~models.churn.mature_on_clock`) it
+calls :meth:`ChurnArena.learn`: each model's metrics take the prediction it made at open
+time, then each model learns the example.
+
+**Promotion, with hysteresis.** Every ``evaluate_every`` matured labels each challenger's
+``recent_auc`` (decayed, see :mod:`models.churn_metrics`) is compared with the
+champion's. The challenger *leads* when it is ahead by more than
+``margin + z * sqrt(se_champion**2 + se_challenger**2)`` (the standard errors of the two
+recent metrics: a lead the noise could explain is no lead). One that leads for
+``patience`` consecutive evaluations, with at least ``min_labels_to_promote`` labels
+seen, becomes champion; every streak then restarts. To come back, the old champion must
+in turn lead by as much for as long: equal models do not flip back and forth (a fixed
+margin alone did, in ``tests/test_arena.py``: decayed AUCs of equal models drift apart
+by more than 0.01 for several evaluations in a row).
+
+**Versions.** ``model_version`` is ``"<champion>@v<generation>"``; the generation starts
+at 1 and grows by one at each promotion. The weights keep learning under one version
+(they change with every label); the report gives the label count behind each metric.
+Until the champion has ``min_labels`` matured labels the arena serves the caller's prior
+(e.g. :func:`models.churn.bgnbd_churn_prior`) as ``"prior:bgnbd"`` with source
+``"prior"``; without a prior it serves the observed churn rate as ``"prior:base_rate"``.
+
+**Size.** The models' bounds (``max_pickle_bytes``: logreg ~2 KB; tree <= 1.4 MB
+measured, 4 MB bound) plus ~30 KB of metrics per model plus the promotion log (the last
+``PROMOTION_LOG_LEN`` promotions).
+
+>>> from models.churn import mature_on_purchase
+>>> from models.transaction import DAY_US
+>>> arena = ChurnArena(config=ArenaConfig(min_labels=2))
+>>> x = {"purchases": 1.0}
+>>> arena.predict(x, prior=0.4)
+ChurnPrediction(risk=0.4, model_version='prior:bgnbd', source='prior')
+>>> for day in range(4):
+...     pending = arena.open(x, opened_at_us=day * DAY_US)
+...     arena.learn(mature_on_purchase(pending, (day + 1) * DAY_US))
+>>> arena.predict(x, prior=0.4).source, arena.predict(x).model_version
+('model', 'logreg@v1')
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+from models.churn import ChurnModel, LabeledExample, PendingLabel, default_models
+from models.churn_metrics import DelayedLabelMetrics
+
+PROMOTION_LOG_LEN = 100
+METRICS = ("recent_auc", "recent_log_loss")  # higher is better / lower is better
+
+
+@dataclass(frozen=True)
+class ArenaConfig:
+    min_labels: int = 500  # the champion's matured labels before its score is served
+    evaluate_every: int = 250  # matured labels between promotion evaluations
+    margin: float = 0.01  # the lead a challenger needs (AUC points, or log-loss nats)
+    z: float = 2.0  # ... plus this many standard errors of the difference
+    patience: int = 3  # consecutive evaluations it must lead for
+    min_labels_to_promote: int = 1000
+    metric: str = "recent_auc"  # or "recent_log_loss"
+    half_life: float = 2000.0  # labels, for the recent metrics
+    snapshot_every: int = 500  # labels between history points
+    history_len: int = 200
+    prior_name: str = "bgnbd"
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ValueError(f"ArenaConfig.metric: expected one of {METRICS}, got "
+                             f"{self.metric!r}")
+        for name in ("min_labels", "evaluate_every", "patience", "snapshot_every",
+                     "history_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ArenaConfig.{name}: expected >= 1, got "
+                                 f"{getattr(self, name)}")
+
+
+class ChurnPrediction(NamedTuple):
+    risk: float  # P(no purchase within the horizon)
+    model_version: str  # "logreg@v3", or "prior:bgnbd" during the cold start
+    source: str  # "model" or "prior"
+
+
+class ChurnArena:
+    """Models, their delayed-label metrics, the champion and the promotion log."""
+
+    def __init__(self, models: Mapping[str, ChurnModel] | None = None,
+                 config: ArenaConfig | None = None, champion: str | None = None) -> None:
+        self.config = config or ArenaConfig()
+        self.models: dict[str, ChurnModel] = dict(models or default_models())
+        if not self.models:
+            raise ValueError("ChurnArena: expected at least one model")
+        self.champion = champion or next(iter(self.models))
+        if self.champion not in self.models:
+            raise ValueError(f"ChurnArena: champion {self.champion!r} is not among the models "
+                             f"{sorted(self.models)}")
+        cfg = self.config
+        self.metrics = {name: DelayedLabelMetrics(cfg.half_life, cfg.snapshot_every,
+                                                  cfg.history_len) for name in self.models}
+        self.labels = 0  # matured labels learned
+        self.positives = 0
+        self.generation = 1
+        self.champion_since_us: int | None = None  # event time of the last promotion
+        self.streaks = dict.fromkeys(self.models, 0)
+        self.evaluations = 0
+        self.promotions: deque[dict[str, Any]] = deque(maxlen=PROMOTION_LOG_LEN)
+
+    @property
+    def model_version(self) -> str:
+        return f"{self.champion}@v{self.generation}"
+
+    def open(self, features: Mapping[str, float], opened_at_us: int) -> PendingLabel:
+        """Every model predicts now; the pending label remembers what each said."""
+        predictions = {name: m.predict_proba_one(features) for name, m in self.models.items()}
+        return PendingLabel.open(features, opened_at_us, predictions)
+
+    def predict(self, features: Mapping[str, float], prior: float | None = None,
+                pending: PendingLabel | None = None) -> ChurnPrediction:
+        """The served churn risk: the champion's, or the prior while it is cold.
+
+        Pass the ``pending`` just opened for the same features to reuse its prediction.
+        """
+        if self.metrics[self.champion].labels < self.config.min_labels:
+            if prior is not None:
+                return ChurnPrediction(float(prior), f"prior:{self.config.prior_name}", "prior")
+            rate = (self.positives + 1) / (self.labels + 2)  # Laplace: 0.5 with no labels
+            return ChurnPrediction(rate, "prior:base_rate", "prior")
+        risk = None
+        if pending is not None:
+            risk = dict(pending.predictions).get(self.champion)
+        if risk is None:
+            risk = self.models[self.champion].predict_proba_one(features)
+        return ChurnPrediction(risk, self.model_version, "model")
+
+    def learn(self, example: LabeledExample) -> None:
+        """Score each model's open-time prediction against the label, then learn it."""
+        y = example.label
+        for name, model in self.models.items():
+            p = example.predictions_at_open.get(name)
+            if p is not None:  # absent for a model added after the prediction opened
+                self.metrics[name].update(p, y, example.matured_at_us)
+            model.learn_one(example.features, y)
+        self.labels += 1
+        self.positives += y
+        if self.labels % self.config.evaluate_every == 0:
+            self.evaluate(example.matured_at_us)
+
+    def _score(self, name: str) -> float | None:
+        value = getattr(self.metrics[name], self.config.metric)
+        if value is None:
+            return None
+        return value if self.config.metric == "recent_auc" else -value
+
+    def _se(self, name: str) -> float:
+        return getattr(self.metrics[name], f"{self.config.metric}_se") or 0.0
+
+    def evaluate(self, at_us: int) -> str | None:
+        """One promotion evaluation; returns the new champion's name if one was promoted."""
+        self.evaluations += 1
+        cfg = self.config
+        best = self._score(self.champion)
+        promoted = None
+        for name in self.models:
+            if name == self.champion:
+                continue
+            score = self._score(name)
+            noise = cfg.z * (self._se(name) ** 2 + self._se(self.champion) ** 2) ** 0.5
+            leads = score is not None and (best is None or score - best > cfg.margin + noise)
+            self.streaks[name] = self.streaks[name] + 1 if leads else 0
+            ready = (self.streaks[name] >= cfg.patience
+                     and self.metrics[name].labels >= cfg.min_labels_to_promote)
+            if ready and (promoted is None or (score or 0.0) > (self._score(promoted) or 0.0)):
+                promoted = name
+        if promoted is not None:
+            self.promotions.append({
+                "at_us": at_us, "labels": self.labels, "from": self.champion, "to": promoted,
+                "metric": cfg.metric, "champion_value": getattr(self.metrics[self.champion],
+                                                                cfg.metric),
+                "challenger_value": getattr(self.metrics[promoted], cfg.metric),
+                "version": f"{promoted}@v{self.generation + 1}",
+            })
+            self.champion = promoted
+            self.generation += 1
+            self.champion_since_us = at_us
+            self.streaks = dict.fromkeys(self.models, 0)
+        return promoted
+
+    def report(self) -> dict[str, Any]:
+        """Everything ``GetModelReport`` shows: JSON-able."""
+        return {
+            "champion": self.champion,
+            "model_version": self.model_version,
+            "serving": ("model" if self.metrics[self.champion].labels >= self.config.min_labels
+                        else "prior"),
+            "champion_since_us": self.champion_since_us,
+            "generation": self.generation,
+            "labels": self.labels,
+            "positives": self.positives,
+            "evaluations": self.evaluations,
+            "promotions": list(self.promotions),
+            "config": asdict(self.config),
+            "models": {
+                name: {
+                    "matured_labels": self.metrics[name].labels,
+                    "metrics": self.metrics[name].snapshot(),
+                    "calibration": self.metrics[name].calibration(),
+                    "history": list(self.metrics[name].history),
+                    "streak": self.streaks[name],
+                }
+                for name in self.models
+            },
+        }
+
