@@ -68,8 +68,10 @@ def _bench(args: argparse.Namespace, settings: Settings, work: Path) -> int:
     token = uuid.uuid4().hex[:8]
     settings = dataclasses.replace(
         settings, transactions_topic=f"bench-{token}", dlq_topic=f"bench-{token}-dlq",
+        timers_topic=f"bench-{token}-timers",
     )
-    ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic])
+    ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,
+                             settings.timers_topic])
     _publish(settings, lines)
     print(f"{len(lines):,} events on {settings.topic_partitions} partitions "
           f"({settings.transactions_topic})")

@@ -149,7 +149,7 @@ class Demo:
         )
         s = self.settings
         try:
-            ensure_topics(s, [s.transactions_topic, s.dlq_topic, s.alerts_topic])
+            ensure_topics(s, [s.transactions_topic, s.dlq_topic, s.alerts_topic, s.timers_topic])
         except RuntimeError as exc:
             raise DemoError(f"could not create the topics on {broker.address}: {exc}") from exc
         say(f"topics ready on {broker.address}: {s.transactions_topic}, {s.dlq_topic}")

@@ -30,6 +30,14 @@ class RedisLayout:
         """Pub/sub channel carrying each new score document of one customer."""
         return f"{self.prefix}updates:{customer_id}"
 
+    def model_report(self) -> str:
+        """HASH {v: version, doc: JSON model report} (GetModelReport)."""
+        return f"{self.prefix}models"
+
+    def model_bundle(self) -> str:
+        """HASH {v: version, doc: pickled models.scoring.ModelBundle} the flow scores with."""
+        return f"{self.prefix}models:bundle"
+
     def score_pattern(self) -> str:
         return f"{self.prefix}score:*"
 

@@ -45,6 +45,9 @@ class Settings:
     transactions_topic: str = _setting("crm.transactions", "topic of transaction events")
     dlq_topic: str = _setting("crm.transactions.dlq", "dead-letter topic for rejected events")
     alerts_topic: str = _setting("crm.alerts", "topic for customer alerts")
+    timers_topic: str = _setting(
+        "crm.timers", "internal topic carrying the flow's event-time wake-ups back to it"
+    )
     topic_partitions: int = _setting(4, "partitions for topics the service creates")
     # Redis
     redis_url: str = _setting(
@@ -66,6 +69,18 @@ class Settings:
     )
     max_future_seconds: float = _setting(
         3600.0, "events whose occurred_at is further ahead of the wall clock are rejected"
+    )
+    churn_horizon_days: float = _setting(
+        90.0, "churn_risk is the probability of no purchase within this many days"
+    )
+    clv_horizon_days: float = _setting(
+        365.0, "horizon of expected_purchases and clv_predicted, in days"
+    )
+    model_publish_seconds: float = _setting(
+        2.0, "seconds between the models step's publications of models and report to Redis"
+    )
+    btyd_refit_days: float = _setting(
+        7.0, "days of event time between BG/NBD + Gamma-Gamma refits (in the background)"
     )
     # Serving
     grpc_address: str = _setting("127.0.0.1:50051", "gRPC listen / connect address")

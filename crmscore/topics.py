@@ -13,12 +13,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     add_setting_flags(
         parser, "kafka_bootstrap", "transactions_topic", "dlq_topic", "alerts_topic",
+        "timers_topic",
         "topic_partitions",
     )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    topics = [settings.transactions_topic, settings.dlq_topic, settings.alerts_topic]
+    topics = [settings.transactions_topic, settings.dlq_topic, settings.alerts_topic,
+              settings.timers_topic]
     ensure_topics(settings, topics)
     print("topics ready:", ", ".join(topics))
     return 0

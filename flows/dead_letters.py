@@ -14,17 +14,10 @@ else base64).
 from __future__ import annotations
 
 import base64
-import logging
 
 import orjson
-from bytewax.outputs import DynamicSink, StatelessSinkPartition
-from confluent_kafka import KafkaError, Message
 
-from crmscore.clients import producer
-from crmscore.settings import Settings
 from models.transaction import Rejection
-
-log = logging.getLogger(__name__)
 
 
 def dead_letter(
@@ -45,51 +38,3 @@ def dead_letter(
             "payload_encoding": encoding,
         }
     )
-
-
-class DeadLetterSink(DynamicSink[tuple[bytes | None, bytes]]):
-    """Writes ``(key, dead_letter)`` items to the DLQ topic; fails loudly if Kafka does.
-
-    ``write_batch`` returns only once every letter of the batch is acknowledged, so a
-    letter is never lost: if Kafka refuses, the flow stops and, on restart, replays
-    from its last snapshot (at-least-once).
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-
-    def build(self, step_id: str, worker_index: int, worker_count: int) -> _DeadLetterPartition:
-        return _DeadLetterPartition(self._settings)
-
-
-class _DeadLetterPartition(StatelessSinkPartition[tuple[bytes | None, bytes]]):
-    def __init__(self, settings: Settings) -> None:
-        self._topic = settings.dlq_topic
-        self._producer = producer(settings)
-        self._failures: list[str] = []
-
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._failures.append(str(err))
-
-    def write_batch(self, items: list[tuple[bytes | None, bytes]]) -> None:
-        for key, value in items:
-            while True:
-                try:
-                    self._producer.produce(
-                        self._topic, value=value, key=key, on_delivery=self._on_delivery
-                    )
-                    break
-                except BufferError:
-                    self._producer.poll(0.1)
-        remaining = self._producer.flush(60)
-        if remaining or self._failures:
-            failures, self._failures = self._failures, []
-            raise RuntimeError(
-                f"dead-letter topic {self._topic!r}: {remaining} letters unsent, "
-                f"{len(failures)} failed ({'; '.join(failures[:3])})"
-            )
-
-    def close(self) -> None:
-        self._producer.flush(10)
-

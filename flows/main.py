@@ -77,7 +77,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # inside an operator.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
-    ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic])
+    ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,
+                             settings.timers_topic])
     tune_gc()
     recovery = None if args.no_recovery else recovery_config(settings)
     log.info("flow starting: %s", settings.redacted())

@@ -1,15 +1,30 @@
-"""The scoring dataflow: Kafka -> parse -> validate -> per-customer state -> Redis.
+"""The scoring dataflow: Kafka -> parse -> validate -> customers -> Redis, in event time.
 
-Every consumed message ends in exactly one of three counts, kept in the flow's
-own recovered state so they stay exact across crashes:
-applied (a new valid event), duplicate (an exact repeat) or rejected (sent to
-the dead-letter topic with a reason).
+::
+
+    transactions + timers topics
+      -> parse (orjson + JSON Schema) / decode wake-ups
+      -> customers (key: customer id)    exact state, stage, churn label, due instant
+           -> score documents -> Redis   (compare-and-set, never backwards)
+           -> refused events  -> dead-letter topic
+           -> outcome counts + wake-up registrations -> clock (one key)
+                -> pipeline status -> Redis
+                -> ticks + registrations -> timer buckets (key: hour) -> timers topic
+           -> matured labels + population rows -> models (one key)
+                -> model bundle + report -> Redis -> read back by customers (model_registry)
+
+Every consumed transaction ends in exactly one of three counts, kept in the flow's own
+recovered state so they stay exact across crashes: applied (a new valid event),
+duplicate (an exact repeat) or rejected (sent to the dead-letter topic with a reason).
+Time-driven scores (a silent customer turning at risk, a churn label maturing) follow
+the stream's event-time clock through the timer topic (flows/timers.py).
 """
 
 from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeGuard
 
@@ -17,17 +32,36 @@ import bytewax.operators as op
 import orjson
 from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
 from bytewax.connectors.kafka import operators as kop
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
 from crmscore.clients import CONSUMER_DEFAULTS
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
-from flows.dead_letters import DeadLetterSink, dead_letter
+from flows.dead_letters import dead_letter
+from flows.kafka_sink import KafkaTopicSink
+from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import RedisDocSink, VersionedDoc
-from models.customer import APPLIED, DUPLICATE, CustomerState
+from flows.timers import (
+    Registration,
+    TimerBucketLogic,
+    Wake,
+    bucket_key,
+    decode_wake,
+    encode_wake,
+    ticks,
+)
+from models.churn import LabeledExample
+from models.customer import APPLIED, DUPLICATE
+from models.population import Population
+from models.scoring import (
+    ModelBundle,
+    Outputs,
+    PopulationRow,
+    ScoredCustomer,
+    ScoringConfig,
+)
 from models.transaction import (
-    DAY_US,
     SECOND_US,
     Rejection,
     Transaction,
@@ -70,15 +104,25 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
     return Counts(applied, duplicate, rejected, clock)
 
 
-def parse(msg: Message, max_future_us: int) -> Accepted | Refused:
+def parse(msg: Message, max_future_us: int, timers_topic: str) -> Accepted | Refused | Wake:
+    if msg.topic == timers_topic:
+        try:
+            return decode_wake(msg.key, msg.value)
+        except ValueError as exc:
+            return Refused(Rejection("bad_wake", str(exc)), msg)
     parsed = parse_transaction(msg.value, time.time_ns() // 1000, max_future_us)
     if isinstance(parsed, Rejection):
         return Refused(parsed, msg)
     return Accepted(parsed, msg)
 
 
-def is_accepted(parsed: Accepted | Refused) -> TypeGuard[Accepted]:
-    return isinstance(parsed, Accepted)
+def is_refused(parsed: Accepted | Refused | Wake) -> TypeGuard[Refused]:
+    return isinstance(parsed, Refused)
+
+
+def customer_of(item: Any) -> str:
+    """The customer an accepted event or a wake-up is for."""
+    return item.tx.customer_id if isinstance(item, Accepted) else item.customer_id
 
 
 def kafka_error(err: KafkaError[bytes | None, bytes | None]) -> Refused:
@@ -91,114 +135,215 @@ def to_dead_letter(refused: Refused) -> tuple[bytes | None, bytes]:
                               m.offset if m.offset is not None else -1, m.value)
 
 
-class CustomerLogic(StatefulBatchLogic[Accepted, Any, bytes]):
-    """Applies a customer's events; emits one score document per batch, dead letters
-    for refused events, and the batch's outcome counts."""
 
-    def __init__(self, resume: bytes | None, lateness_us: int, layout: RedisLayout) -> None:
-        self.state: CustomerState | None = None if resume is None else pickle.loads(resume)
-        self.lateness_us = lateness_us
+def scoring_config(settings: Settings) -> ScoringConfig:
+    return ScoringConfig(churn_horizon_days=settings.churn_horizon_days,
+                         clv_horizon_days=settings.clv_horizon_days,
+                         lateness_days=settings.lateness_days)
+
+
+class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
+    """Applies a customer's events and wake-ups; emits one score document per batch that
+    changed it, dead letters for refused events, the batch's outcome counts, the next
+    wake-up registration, matured churn labels and the customer's population row."""
+
+    def __init__(self, resume: bytes | None, bundles: BundleCache, layout: RedisLayout) -> None:
+        self.customer: ScoredCustomer | None = None if resume is None else pickle.loads(resume)
+        self.bundles = bundles
         self.layout = layout
 
-    def on_batch(self, values: list[Accepted]) -> tuple[list[Any], bool]:
-        if self.state is None:  # bytewax does not pass the key: take it from the event
-            self.state = CustomerState(values[0].tx.customer_id)
-        state = self.state
-        out: list[Any] = []
+    def on_batch(self, values: list[Accepted | Wake]) -> tuple[list[Any], bool]:
+        if self.customer is None:  # bytewax does not pass the key: take it from the item
+            self.customer = ScoredCustomer(customer_of(values[0]))
+        customer = self.customer
+        bundle = self.bundles.get()
+        out = Outputs()
+        emitted: list[Any] = []
         applied = duplicate = rejected = 0
+        changed = False
         for item in values:
-            outcome = state.apply(item.tx, self.lateness_us)
+            if isinstance(item, Wake):
+                changed |= customer.wake(item.due_us, bundle, out)
+                continue
+            outcome = customer.apply(item.tx, bundle, out)
             if outcome is APPLIED:
                 applied += 1
             elif outcome is DUPLICATE:
                 duplicate += 1
             elif isinstance(outcome, Rejection):
                 rejected += 1
-                out.append(Refused(outcome, item.msg))
-        if applied:
-            out.append(VersionedDoc(
-                self.layout.score(state.customer_id), state.version,
-                orjson.dumps(state.document()), self.layout.updates(state.customer_id),
-            ))
-        out.append(Counts(applied, duplicate, rejected, state.max_event_us))
-        return out, StatefulBatchLogic.RETAIN
+                emitted.append(Refused(outcome, item.msg))
+        if applied or duplicate or rejected:
+            emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us))
+        if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
+            return emitted, StatefulBatchLogic.DISCARD
+        if applied or changed:
+            cid = customer.customer_id
+            emitted.append(VersionedDoc(self.layout.score(cid), customer.version,
+                                        orjson.dumps(customer.document(bundle, out)),
+                                        self.layout.updates(cid)))
+        customer.register(bundle, out)
+        emitted += [Registration(*r) for r in out.registrations]
+        emitted += out.labels
+        emitted += out.population
+        return emitted, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         # Pickled bytes are an immutable copy, cheaper than bytewax's deepcopy.
-        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class StatusLogic(StatefulBatchLogic[Counts, VersionedDoc, bytes]):
-    """Sums outcome counts into the pipeline status document."""
+class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
+    """Sums outcome counts into the pipeline status; keeps the stream clock; routes
+    wake-up registrations (due ones fire at once) and ticks the timer buckets."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
         self.totals = Counts() if resume is None else pickle.loads(resume)
         self.layout = layout
 
-    def on_batch(self, values: list[Counts]) -> tuple[list[VersionedDoc], bool]:
-        self.totals = applied, duplicate, rejected, clock = sum_counts(values, self.totals)
-        consumed = applied + duplicate + rejected
-        doc = {
-            "events_consumed": consumed,
-            "events_applied": applied,
-            "events_rejected": rejected,
-            "events_duplicate": duplicate,
-            "stream_clock": None if clock is None else format_time(clock),
-            "updated_at": format_time(time.time_ns() // 1000),
-        }
-        # consumed only grows, so it orders status documents.
-        return [VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc))], False
+    def on_batch(self, values: list[Counts | Registration]) -> tuple[list[Any], bool]:
+        counts = [v for v in values if isinstance(v, Counts)]
+        previous_clock = self.totals.clock_us
+        self.totals = applied, duplicate, rejected, clock = sum_counts(counts, self.totals)
+        out: list[Any] = []
+        for r in values:
+            if isinstance(r, Registration):
+                if clock is not None and r.due_us <= clock:
+                    out.append(Wake(*r))
+                else:
+                    out.append((bucket_key(r.due_us), r))
+        if clock is not None:
+            out += ticks(previous_clock, clock)
+        if counts:
+            consumed = applied + duplicate + rejected
+            doc = {
+                "events_consumed": consumed,
+                "events_applied": applied,
+                "events_rejected": rejected,
+                "events_duplicate": duplicate,
+                "stream_clock": None if clock is None else format_time(clock),
+                "updated_at": format_time(time.time_ns() // 1000),
+            }
+            # consumed only grows, so it orders status documents.
+            out.append(VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc)))
+        return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.totals)
 
 
+class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDoc, bytes]):
+    """Learns churn models from matured labels and the population from customers' rows;
+    publishes the model bundle and report every ``publish_seconds`` (wall clock)."""
+
+    def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
+                 publish_seconds: float, refit_days: float) -> None:
+        self.population: Population = (Population(config, refit_days=refit_days)
+                                       if resume is None else pickle.loads(resume))
+        self.layout = layout
+        self.publish_seconds = publish_seconds
+        self.published_version: int | None = None  # not snapshotted: republish on resume
+        self.published_at = -float("inf")
+
+    def on_batch(self, values: list[LabeledExample | PopulationRow]) -> tuple[list[Any], bool]:
+        population = self.population
+        for item in values:
+            if isinstance(item, PopulationRow):
+                population.observe(item)
+            else:
+                population.learn(item)
+        population.maybe_refit()
+        now = time.monotonic()
+        if (population.version == self.published_version
+                or now - self.published_at < self.publish_seconds):
+            return [], StatefulBatchLogic.RETAIN
+        self.published_version, self.published_at = population.version, now
+        report = population.report(format_time(time.time_ns() // 1000))
+        return [bundle_doc(self.layout, population.bundle()),
+                VersionedDoc(self.layout.model_report(), population.version,
+                             orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))], \
+            StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps(self.population, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _instance_of(kind: type) -> Callable[[Any], bool]:
+    return lambda x: isinstance(x, kind)
+
+
+def split(step_id: str, stream: Stream[Any], *kinds: type) -> list[Stream[Any]]:
+    """One stream per kind (by isinstance, in order), then one of everything else."""
+    streams = []
+    for kind in kinds:
+        branch: op.BranchOut[Any, Any] = op.branch(f"{step_id}_{kind.__name__}", stream,
+                                                   _instance_of(kind))
+        streams.append(branch.trues)
+        stream = branch.falses
+    return [*streams, stream]
+
+
 def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
-    """The dataflow; ``tail=False`` stops at the end of the topic (batch replays, tests)."""
+    """The dataflow; ``tail=False`` stops at the end of the topics (batch replays, tests)."""
     layout = RedisLayout(settings.redis_prefix)
-    lateness_us = round(settings.lateness_days * DAY_US)
+    config = scoring_config(settings)
+    bundles = shared_cache(settings, ModelBundle(config=config))
     max_future_us = round(settings.max_future_seconds * SECOND_US)
     kafka_config = settings.kafka_client_config()
     brokers = kafka_config.pop("bootstrap.servers").split(",")
+    timers_topic = settings.timers_topic
 
     flow = Dataflow("crmscore")
     kafka = kop.input(
-        "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic], tail=tail,
-        add_config={**CONSUMER_DEFAULTS, **kafka_config},
+        "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic, timers_topic],
+        tail=tail, add_config={**CONSUMER_DEFAULTS, **kafka_config},
     )
-    # KafkaSourceMessage(key=customer_id bytes, value=event JSON bytes)
-    parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us))
-    # Accepted(tx, msg) | Refused(rejection, msg)
-    valid = op.branch("is_valid", parsed, is_accepted)
+    # KafkaSourceMessage(key=customer_id bytes, value=event JSON or due instant bytes)
+    parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us, timers_topic))
+    # Accepted(tx, msg) | Refused(rejection, msg) | Wake(customer_id, due_us)
+    refused_or_not = op.branch("is_refused", parsed, is_refused)
     broken = op.map("kafka_errors", kafka.errs, kafka_error)
-    # Refused
-    by_customer = op.key_on("by_customer", valid.trues, lambda a: a.tx.customer_id)
-    # (customer_id, Accepted)
+    by_customer = op.key_on("by_customer", refused_or_not.falses, customer_of)
+    # (customer_id, Accepted | Wake)
     results = op.stateful_batch(
-        "customers", by_customer,
-        lambda resume: CustomerLogic(resume, lateness_us, layout),
+        "customers", by_customer, lambda resume: CustomerLogic(resume, bundles, layout),
     )
-    # (customer_id, VersionedDoc | Refused | Counts)
     results = op.key_rm("drop_customer_key", results)
-    is_doc = op.branch("is_doc", results, lambda r: isinstance(r, VersionedDoc))
-    is_counts = op.branch("is_counts", is_doc.falses, lambda r: isinstance(r, Counts))
-    refused_early = op.merge("refused_early", valid.falses, broken)
-    refused = op.merge("all_refused", refused_early, is_counts.falses)
-    # Refused
+    scores, refused_late, counts, registrations, learning = split(
+        "customer_out", results, VersionedDoc, Refused, Counts, Registration)
+    # learning: LabeledExample | PopulationRow
+
+    refused_early = op.merge("refused_early", refused_or_not.trues, broken)
+    refused = op.merge("all_refused", refused_early, refused_late)
     op.output("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
-              DeadLetterSink(settings))
-    # Customers count what they refuse; count the rest here.
-    counts = op.merge("all_counts", is_counts.trues,
-                      op.map("count_refused_early", refused_early, lambda _: Counts(rejected=1)))
-    # Counts
-    # One item per batch, not per customer, crosses to the single status key.
+              KafkaTopicSink(settings, settings.dlq_topic))
+
+    # Customers count what they refuse; count the transactions refused before them here
+    # (a malformed wake-up is not a transaction: dead-lettered, not counted).
+    refused_transactions = op.filter("refused_transactions", refused_early,
+                                     lambda r: r.msg.topic != timers_topic)
+    counts = op.merge("all_counts", counts, op.map("count_refused_early", refused_transactions,
+                                                   lambda _: Counts(rejected=1)))
+    # One item per batch, not per customer, crosses to the single clock key.
     counts = op.flat_map_batch("sum_counts", counts, lambda batch: [sum_counts(batch)])
-    status = op.stateful_batch(
-        "status", op.key_on("status_key", counts, lambda _: "status"),
-        lambda resume: StatusLogic(resume, layout),
+    clock_in = op.merge("clock_in", counts, registrations)
+    clock_out = op.stateful_batch(
+        "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
+        lambda resume: ClockLogic(resume, layout),
     )
-    # ("status", VersionedDoc)
-    docs = op.merge("all_docs", is_doc.trues, op.key_rm("drop_status_key", status))
+    status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
+                                        VersionedDoc, Wake)
+    # to_buckets: (bucket, Registration | Tick)
+    fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
+    wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
+    op.output("wake_ups", op.map("encode_wake", wakes, encode_wake),
+              KafkaTopicSink(settings, timers_topic))
+
+    models: Stream[tuple[str, VersionedDoc]] = op.stateful_batch(
+        "models", op.key_on("models_key", learning, lambda _: "models"),
+        lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
+                                   settings.btyd_refit_days),
+    )
+    docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models))
     op.output("redis", docs, RedisDocSink(settings))
     return flow
-

@@ -5,9 +5,10 @@ the customer had then (:mod:`models.churn_features`) and every model's probabili
 churn made then. Its label is 0 as soon as the customer buys again within
 ``horizon`` (``t < t' <= t + horizon``), and 1 once the stream's event-time clock
 passes ``t + horizon`` (``clock > t + horizon``) without a purchase; before either it is
-unknown. A customer holds one :class:`PendingLabel`, the newest purchase's: the next
-purchase matures it (as 0) and opens the next one. Maturing is pure and uses event time
-only, so a replay at full speed labels exactly as a live run did.
+unknown. A customer holds one :class:`PendingLabel`: the next purchase matures it (as 0)
+and opens the next one; a label that matures as 1 opens the next one at that instant,
+so the models also learn from silent customers (models/scoring.py). Maturing is pure and
+uses event time only, so a replay at full speed labels exactly as a live run did.
 
 >>> DAY = DAY_US
 >>> pending = PendingLabel.open({"purchases": 1.0}, opened_at_us=10 * DAY,
@@ -175,6 +176,58 @@ class RiverChurnModel:
 
     def __repr__(self) -> str:
         return f"RiverChurnModel({self.name!r})"
+
+
+class BgNbdChurnModel:
+    """BG/NBD's P(no purchase within the horizon), as a contender in the arena.
+
+    It does not learn from labels: its population parameters come from the flow's
+    periodic BG/NBD fit (:meth:`set_params`); until the first fit it has no opinion
+    (0.5). Its inputs are in the churn features: repeat purchases ``x = purchases - 1``,
+    age ``T = tenure_days`` and ``t_x = T - recency_days``. Competing in the arena, it is
+    served whenever it measures better on the delayed labels than the learned models.
+
+    >>> model = BgNbdChurnModel()
+    >>> model.set_params(BgNbdParams(r=0.75, alpha=15.0, a=0.8, b=2.5))
+    >>> x = {"purchases": 11.0, "tenure_days": 205.0, "recency_days": 185.0}
+    >>> round(model.predict_proba_one(x), 3), model.clone().predict_proba_one(x)
+    (1.0, 0.5)
+    """
+
+    __slots__ = ("name", "params", "horizon_days", "max_pickle_bytes")
+
+    def __init__(self, horizon_days: float = HORIZON_DAYS) -> None:
+        self.name = "bgnbd"
+        self.params: BgNbdParams | None = None
+        self.horizon_days = horizon_days
+        self.max_pickle_bytes = 4 * 1024
+
+    def __getstate__(self) -> tuple[str, BgNbdParams | None, float, int]:
+        return self.name, self.params, self.horizon_days, self.max_pickle_bytes
+
+    def __setstate__(self, state: tuple[str, BgNbdParams | None, float, int]) -> None:
+        self.name, self.params, self.horizon_days, self.max_pickle_bytes = state
+
+    def set_params(self, params: BgNbdParams) -> None:
+        self.params = params
+
+    def predict_proba_one(self, x: Mapping[str, float]) -> float:
+        if self.params is None:
+            return 0.5
+        T = max(float(x.get("tenure_days", 0.0)), 0.0)
+        t_x = min(max(T - float(x.get("recency_days", 0.0)), 0.0), T)
+        repeat = max(int(round(float(x.get("purchases", 1.0)))) - 1, 0)
+        return min(max(bgnbd_churn_prior(self.params, repeat, t_x, T, self.horizon_days),
+                       0.0), 1.0)
+
+    def learn_one(self, x: Mapping[str, float], y: int) -> None:
+        """Nothing to learn from one label: the parameters come from population fits."""
+
+    def clone(self) -> BgNbdChurnModel:
+        return BgNbdChurnModel(self.horizon_days)
+
+    def __repr__(self) -> str:
+        return f"BgNbdChurnModel(params={self.params})"
 
 
 def make_logreg() -> RiverChurnModel:

@@ -199,10 +199,14 @@ class CustomerState:
             for days, (n, spend, refunds) in zip(WINDOW_DAYS, sums, strict=True)
         }
 
-    def document(self) -> dict[str, Any]:
-        """The customer's score document (see docs/design.md), as of their newest event."""
+    def document(self, as_of_us: int | None = None) -> dict[str, Any]:
+        """The customer's score document (see docs/design.md), as of ``as_of_us``.
+
+        ``as_of_us`` defaults to their newest event; a later instant (the stream clock
+        passing a silent customer's due time) moves recency and the windows on.
+        """
         assert self.max_event_us is not None, "no event applied yet"
-        as_of = self.max_event_us
+        as_of = self.max_event_us if as_of_us is None else max(as_of_us, self.max_event_us)
         last = self.last_purchase_us
         as_of_text = format_time(as_of)  # formatting is the costliest part: reuse it
         return {
@@ -213,7 +217,8 @@ class CustomerState:
             "first_purchase_at": as_of_text if self.first_purchase_us == as_of
             else _time_or_none(self.first_purchase_us),
             "last_purchase_at": as_of_text if last == as_of else _time_or_none(last),
-            "last_event_at": as_of_text,
+            "last_event_at": as_of_text if self.max_event_us == as_of
+            else format_time(self.max_event_us),
             "rfm": {
                 "recency_days": None if last is None else (as_of - last) / DAY_US,
                 "frequency": self.purchase_count,

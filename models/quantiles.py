@@ -186,6 +186,14 @@ class PopulationQuantiles:
         rows[key_hash] = (last_purchase_us, frequency, monetary, value)
         self._sorted = None
 
+    def sample_keys(self) -> list[int]:
+        """Hashes of the sampled customers."""
+        return list(self._rows)
+
+    def max_key(self) -> int | None:
+        """The largest sampled hash: once the sample is full, nothing above it gets in."""
+        return -self._heap[0] if self._heap else None
+
     def merge(self, other: PopulationQuantiles) -> PopulationQuantiles:
         """A new sketch of the union (for a key in both, ``other``'s row wins)."""
         out = PopulationQuantiles(min(self.k, other.k))

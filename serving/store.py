@@ -75,8 +75,7 @@ class ScoreStore:
         return doc
 
     def model_report_key(self) -> str:
-        # Not in crmscore/layout.py yet; the models issue will move it there.
-        return f"{self.layout.prefix}models"
+        return self.layout.model_report()
 
     def iter_docs(self, timeout: float | None = None) -> Iterator[bytes]:
         """Every score document, by SCAN over the score keys: O(customers) per call."""

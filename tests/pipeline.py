@@ -44,6 +44,7 @@ class FlowEnv:
             "CRMSCORE_REDIS_URL": self.redis_url,
             "CRMSCORE_TRANSACTIONS_TOPIC": self.topic,
             "CRMSCORE_DLQ_TOPIC": self.dlq,
+            "CRMSCORE_TIMERS_TOPIC": f"timers-{self.token}",
             "CRMSCORE_REDIS_PREFIX": self.layout.prefix,
             "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
             "CRMSCORE_SNAPSHOT_INTERVAL": "0.25",

@@ -64,14 +64,6 @@ def _aggregate(events: list[dict[str, Any]]) -> dict[str, Any]:
     refunds = [(t, e["amount"]) for t, e in zip(times, events, strict=True)
                if e["type"] == "refund"]
     gaps = np.diff([t for t, _ in purchases]) / DAY_S
-    windows = {}
-    for days in (30, 90, 365):
-        start = as_of - days * DAY_S
-        windows[f"{days}d"] = {
-            "purchases": sum(1 for t, _ in purchases if start < t <= as_of),
-            "spend": sum(a for t, a in purchases if start < t <= as_of),
-            "refunds": sum(a for t, a in refunds if start < t <= as_of),
-        }
     gross = sum(a for _, a in purchases)
     refund_total = sum(a for _, a in refunds)
     return {
@@ -85,12 +77,33 @@ def _aggregate(events: list[dict[str, Any]]) -> dict[str, Any]:
         "last_purchase_at": purchases[-1][0] if purchases else None,
         "gap_mean_days": float(gaps.mean()) if len(gaps) else None,
         "gap_std_days": float(gaps.std()) if len(gaps) else None,
-        "windows": windows,
+        "windows": windows_at(as_of, purchases, refunds),
+        "purchases": purchases,
+        "refunds": refunds,
     }
 
 
-def mismatches(doc: dict[str, Any], want: dict[str, Any]) -> list[str]:
-    """Differences between a flow score document and the recomputation (empty when equal)."""
+def windows_at(as_of: float, purchases: list[tuple[float, float]],
+               refunds: list[tuple[float, float]]) -> dict[str, dict[str, float]]:
+    windows = {}
+    for days in (30, 90, 365):
+        start = as_of - days * DAY_S
+        windows[f"{days}d"] = {
+            "purchases": sum(1 for t, _ in purchases if start < t <= as_of),
+            "spend": sum(a for t, a in purchases if start < t <= as_of),
+            "refunds": sum(a for t, a in refunds if start < t <= as_of),
+        }
+    return windows
+
+
+def mismatches(doc: dict[str, Any], want: dict[str, Any], clock: float | None = None
+               ) -> list[str]:
+    """Differences between a flow score document and the recomputation (empty when equal).
+
+    A document describes its ``as_of``: the customer's newest event, or later when the
+    stream clock (at most ``clock``) woke a silent customer; windows and recency are
+    recomputed at that instant.
+    """
     problems = []
 
     def check(name: str, got: Any, expected: Any, tol: float = 1e-6) -> None:
@@ -104,7 +117,13 @@ def mismatches(doc: dict[str, Any], want: dict[str, Any]) -> list[str]:
         value = doc.get(field_name)
         return None if value is None else _epoch_s(value)
 
-    check("as_of", _epoch_s(doc["as_of"]), want["as_of"])
+    as_of = _epoch_s(doc["as_of"])
+    check("last_event_at", time_of("last_event_at"), want["as_of"])
+    if as_of < want["as_of"] - 1e-6 or (clock is not None and as_of > clock + 1e-6):
+        problems.append(f"as_of: {doc['as_of']} outside [newest event, stream clock]")
+    last = want["last_purchase_at"]
+    check("rfm.recency_days", doc["rfm"]["recency_days"],
+          None if last is None else (as_of - last) / DAY_S)
     for name in ("purchase_count", "gross_monetary", "refund_count", "refund_total",
                  "net_monetary", "gap_mean_days"):
         check(name, doc[name], want[name])
@@ -113,7 +132,7 @@ def mismatches(doc: dict[str, Any], want: dict[str, Any]) -> list[str]:
     check("last_purchase_at", time_of("last_purchase_at"), want["last_purchase_at"])
     check("rfm.frequency", doc["rfm"]["frequency"], want["purchase_count"])
     check("rfm.monetary", doc["rfm"]["monetary"], want["net_monetary"])
-    for window, values in want["windows"].items():
+    for window, values in windows_at(as_of, want["purchases"], want["refunds"]).items():
         for name, value in values.items():
             check(f"windows.{window}.{name}", doc["windows"][window][name], value)
     return problems

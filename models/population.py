@@ -1,0 +1,216 @@
+"""What the flow learns from all customers together, and the bundle it publishes.
+
+:class:`Population` is the state of the flow's single ``models`` step. It takes
+
+- matured churn labels (:class:`~models.churn.LabeledExample`): the
+  :class:`~models.arena.ChurnArena` scores each model's open-time prediction, then every
+  model learns;
+- population rows (:class:`~models.scoring.PopulationRow`): a bottom-k sample of
+  customers by hash (:class:`~models.quantiles.PopulationQuantiles`) keeps everyone's
+  latest recency, frequency, spend and expected value, for RFM quintiles and the
+  premium boundary, plus the BG/NBD inputs of the same sampled customers;
+
+and refits BG/NBD + Gamma-Gamma on the sample every ``refit_days`` of event time, in a
+background thread (a fit takes ~0.1-1 s; the flow does not wait for it). A failed or
+non-converged fit keeps the previous parameters and is reported.
+
+:meth:`Population.bundle` packs what per-customer scoring needs into a
+:class:`~models.scoring.ModelBundle`; :meth:`Population.report` is the JSON model report
+(``GetModelReport``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from models.arena import ArenaConfig, ChurnArena
+from models.btyd import FitError, PopulationModel, fit_population
+from models.churn import BgNbdChurnModel, ChurnModel, LabeledExample, default_models
+from models.quantiles import DEFAULT_K, PopulationQuantiles
+from models.scoring import ModelBundle, PopulationRow, ScoringConfig
+from models.transaction import DAY_US, format_time
+
+log = logging.getLogger(__name__)
+
+MIN_REPEAT_BUYERS = 50  # sampled customers with a repeat purchase before a first BTYD fit
+
+
+class Population:
+    """Churn arena, population sample and BTYD fits. Picklable (the fit thread is not kept)."""
+
+    def __init__(self, config: ScoringConfig | None = None, arena: ChurnArena | None = None,
+                 k: int = DEFAULT_K, refit_days: float = 7.0) -> None:
+        self.config = config or ScoringConfig()
+        if arena is None:
+            models: dict[str, ChurnModel] = {
+                **default_models(), "bgnbd": BgNbdChurnModel(self.config.churn_horizon_days)}
+            arena = ChurnArena(models, ArenaConfig())
+        self.arena = arena
+        self.quantiles = PopulationQuantiles(k)
+        self.btyd_rows: dict[int, tuple[int, int, int, float]] = {}  # hash -> first, last, n, net
+        self.btyd: PopulationModel | None = None
+        self.fit_log: list[dict[str, Any]] = []
+        self.refit_us = round(refit_days * DAY_US)
+        self.clock_us: int | None = None
+        self.fitted_clock_us: int | None = None
+        self.version = 0  # grows with every change a bundle would show
+        self._fit: Future[PopulationModel] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_fit"] = state["_executor"] = None  # a running fit is simply started again
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # -- learning -------------------------------------------------------------------------
+
+    def learn(self, example: LabeledExample) -> None:
+        self.arena.learn(example)
+        self.version += 1
+
+    def observe(self, row: PopulationRow) -> None:
+        if self.clock_us is None or row.as_of_us > self.clock_us:
+            self.clock_us = row.as_of_us
+        self.quantiles.update(row.key_hash, row.last_purchase_us, row.purchase_count,
+                              row.net_spend, row.expected_value)
+        self.btyd_rows[row.key_hash] = (row.first_purchase_us, row.last_purchase_us,
+                                        row.purchase_count, row.net_spend)
+        self.version += 1
+
+    # -- BTYD refits ----------------------------------------------------------------------
+
+    def maybe_refit(self) -> bool:
+        """Collect a finished fit; start one if the clock moved ``refit_days`` on.
+
+        Returns whether new parameters were taken.
+        """
+        taken = False
+        if self._fit is not None and self._fit.done():
+            taken = self._collect(self._fit)
+            self._fit = None
+        clock = self.clock_us
+        due = self.fitted_clock_us is None or (clock is not None
+                                              and clock - self.fitted_clock_us >= self.refit_us)
+        if self._fit is None and clock is not None and due:
+            inputs = self._fit_inputs(clock)
+            if inputs is not None:
+                self.fitted_clock_us = clock
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="btyd-fit")
+                self._fit = self._executor.submit(fit_population, *inputs, fitted_at_us=clock)
+        return taken
+
+    def wait_for_fit(self, timeout: float | None = None) -> bool:
+        """Block until a running fit ends and take it (tests, shutdown)."""
+        if self._fit is None:
+            return False
+        self._fit.result(timeout)
+        return self.maybe_refit()
+
+    def _fit_inputs(self, clock: int) -> tuple[np.ndarray, ...] | None:
+        # Keep only the customers still in the sample: the rows stay bounded by k.
+        self.btyd_rows = {h: self.btyd_rows[h] for h in self.quantiles.sample_keys()
+                          if h in self.btyd_rows}
+        sampled = list(self.btyd_rows.values())
+        if sum(1 for _, _, n, _ in sampled if n > 1) < MIN_REPEAT_BUYERS:
+            return None
+        first, last, n, net = (np.array(col, dtype=float) for col in zip(*sampled, strict=True))
+        t_x = (last - first) / DAY_US
+        T = np.maximum((clock - first) / DAY_US, t_x)
+        return n - 1, t_x, T, np.maximum(net / n, 0.0)
+
+    def _collect(self, fit: Future[PopulationModel]) -> bool:
+        try:
+            model = fit.result()
+        except (FitError, ValueError, FloatingPointError) as exc:
+            self._log_fit({"ok": False, "error": str(exc)})
+            log.warning("BTYD refit failed, keeping the previous parameters: %s", exc)
+            return False
+        self._log_fit({"ok": model.converged, **model.to_dict()})
+        if not model.converged and self.btyd is not None:
+            log.warning("BTYD refit did not converge, keeping the previous parameters: %s",
+                        model.message)
+            return False
+        self.btyd = model
+        for contender in self.arena.models.values():
+            if isinstance(contender, BgNbdChurnModel):
+                contender.set_params(model.bgnbd)
+        self.version += 1
+        return True
+
+    def _log_fit(self, entry: dict[str, Any]) -> None:
+        entry["at"] = None if self.fitted_clock_us is None else format_time(self.fitted_clock_us)
+        self.fit_log = [*self.fit_log[-19:], entry]
+
+    # -- publishing -----------------------------------------------------------------------
+
+    def typical_gap_days(self) -> float | None:
+        """Median of the sampled repeat buyers' mean gaps: the lifecycle rules' ``g0``."""
+        gaps = [(last - first) / (n - 1) / DAY_US
+                for first, last, n, _ in self.btyd_rows.values() if n > 1 and last > first]
+        return statistics.median(gaps) if len(gaps) >= MIN_REPEAT_BUYERS else None
+
+    def bundle(self) -> ModelBundle:
+        """A read-only copy of what per-customer scoring needs (the models are copies)."""
+        arena = self.arena
+        serving = arena.metrics[arena.champion].labels >= arena.config.min_labels
+        clock = self.clock_us
+        boundaries = None if clock is None else self.quantiles.boundaries(clock)
+        full = len(self.quantiles) >= self.quantiles.k
+        return ModelBundle(
+            version=self.version, config=self.config,
+            models=copy.deepcopy(arena.models),
+            champion=arena.champion if serving else None,
+            model_version=(arena.model_version if serving
+                           else "prior:bgnbd" if self.btyd is not None else "prior:base_rate"),
+            base_rate=(arena.positives + 1) / (arena.labels + 2),
+            boundaries=boundaries,
+            premium_boundary=self.quantiles.premium_boundary(self.config.premium_share),
+            btyd=self.btyd, typical_gap_days=self.typical_gap_days(),
+            sample_threshold=self.quantiles.max_key() if full else None,
+        )
+
+    def report(self, updated_at: str) -> dict[str, Any]:
+        """The model report document (JSON-able)."""
+        arena = self.arena.report()
+        champion = self.arena.metrics[self.arena.champion]
+        metrics = {"churn_labels": float(self.arena.labels),
+                   "churn_positive_rate": (self.arena.positives / self.arena.labels
+                                           if self.arena.labels else 0.0),
+                   "population_sample": float(len(self.quantiles))}
+        for name, value in (("churn_auc", champion.auc), ("churn_recent_auc", champion.recent_auc),
+                            ("churn_log_loss", champion.log_loss),
+                            ("churn_calibration_error", champion.calibration_error())):
+            if value is not None:
+                metrics[name] = float(value)
+        if self.btyd is not None:
+            metrics["btyd_customers"] = float(self.btyd.n_customers)
+        clock = self.clock_us
+        boundaries = None if clock is None else self.quantiles.boundaries(clock)
+        return {
+            "model_version": self.bundle_version_name(),
+            "updated_at": updated_at,
+            "stream_clock": None if clock is None else format_time(clock),
+            "metrics": metrics,
+            "churn": arena,
+            "btyd": None if self.btyd is None else self.btyd.to_dict(),
+            "btyd_fits": self.fit_log,
+            "rfm_boundaries": None if boundaries is None else boundaries.as_dict(),
+            "premium_boundary": self.quantiles.premium_boundary(self.config.premium_share),
+            "typical_gap_days": self.typical_gap_days(),
+        }
+
+    def bundle_version_name(self) -> str:
+        arena = self.arena
+        if arena.metrics[arena.champion].labels >= arena.config.min_labels:
+            return arena.model_version
+        return "prior:bgnbd" if self.btyd is not None else "prior:base_rate"

@@ -1,0 +1,373 @@
+"""One customer, scored in event time: exact state, lifecycle stage, churn label, due time.
+
+:class:`ScoredCustomer` is what the flow keeps per customer: the exact aggregates
+(:class:`models.customer.CustomerState`) plus what the time-dependent scores remember:
+the lifecycle :class:`~models.lifecycle.Stage`, the open churn prediction
+(:class:`~models.churn.PendingLabel`) and the instant it must next be woken at.
+
+**Event time.** ``as_of`` only moves with event time: to an event's ``occurred_at``, or to
+a *due instant* the customer computed itself (the next lifecycle change, the expected
+gap that the churn model may turn into "at risk", the churn label's maturity). The flow
+delivers a *wake* when the stream clock passes a registered due instant; an event that
+arrives first catches the customer up to every due instant before it. Either way the
+same instants are processed in the same order, so a full-speed replay yields the stages
+and labels of a live run, whatever the interleaving of wakes and events.
+
+**Population knowledge** (churn models, RFM quintiles, the premium boundary, BG/NBD +
+Gamma-Gamma parameters, the typical purchase gap) comes in a read-only
+:class:`ModelBundle` that the flow's models step publishes; a score names the bundle's
+``model_version``. With an empty bundle (cold start) churn risk is the base rate and
+CLV, RFM scores and the premium tier are unset.
+
+>>> from models.transaction import Transaction
+>>> def buy(cid, eid, day):
+...     return Transaction(eid, cid, day * DAY_US, False, 10 * MICROS, "EUR", eid.encode())
+>>> c, out = ScoredCustomer("c"), Outputs()
+>>> for day in (0, 10, 20, 30):
+...     _ = c.apply(buy("c", f"e{day}", day), EMPTY_BUNDLE, out)
+>>> c.stage.name
+'active'
+>>> dues = []  # refreshes a week and two on, one expected gap (18 days), ...
+>>> while (due := c.next_due_us(EMPTY_BUNDLE)) < 70 * DAY_US:
+...     _ = c.wake(due, EMPTY_BUNDLE, out)
+...     dues.append((due / DAY_US, c.stage.name))
+>>> dues
+[(37.0, 'active'), (44.0, 'active'), (48.0, 'active'), (60.0, 'active'), (66.0, 'at_risk')]
+>>> [(t.old, t.new, t.at_us / DAY_US) for t in out.transitions]  # two expected gaps: at risk
+[('new', 'active', 30.0), ('active', 'at_risk', 66.0)]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
+
+from models.btyd import PopulationModel
+from models.churn import (
+    ChurnModel,
+    LabeledExample,
+    PendingLabel,
+    bgnbd_churn_prior,
+    mature_on_clock,
+    mature_on_purchase,
+)
+from models.churn_features import churn_features
+from models.customer import APPLIED, CustomerState
+from models.lifecycle import (
+    DEFAULT_RULES,
+    PROSPECT,
+    Facts,
+    LifecycleRules,
+    Stage,
+    expected_gap_days,
+    lifecycle_stage,
+    next_change_at,
+)
+from models.quantiles import Boundaries, customer_hash
+from models.rfm import rfm_scores
+from models.strategy import strategy
+from models.transaction import DAY_US, MICROS, Rejection, Transaction
+from models.value import DEFAULT_VALUE_RULES, ValueRules, low_value_cause, value_tier
+
+# A score document's version: applied events in the high bits, due instants processed
+# since the newest one in the low bits, so it grows with every change of the score.
+STEP_BITS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig:
+    churn_horizon_days: float = 90.0
+    clv_horizon_days: float = 365.0
+    lateness_days: float = 7.0
+    premium_share: float = 0.2
+    # Days after the last purchase at which a silent customer is rescored anyway, so
+    # recency and churn risk keep moving with the clock (lifecycle instants come on top).
+    refresh_days: tuple[float, ...] = (7, 14, 30, 60, 120, 180, 270, 365, 540, 730)
+    # A silent customer keeps opening churn predictions (one per horizon) until this
+    # long after their last purchase; then they sleep until their next event.
+    max_silence_days: float = 730.0
+    lifecycle: LifecycleRules = DEFAULT_RULES
+    value: ValueRules = DEFAULT_VALUE_RULES
+    horizon_us: int = field(init=False, repr=False, compare=False)
+    lateness_us: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.churn_horizon_days <= 0 or self.clv_horizon_days <= 0:
+            raise ValueError(f"horizons must be positive, got {self}")
+        object.__setattr__(self, "horizon_us", round(self.churn_horizon_days * DAY_US))
+        object.__setattr__(self, "lateness_us", round(self.lateness_days * DAY_US))
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBundle:
+    """What the population knows, as published by the models step. Read-only."""
+
+    version: int = 0
+    config: ScoringConfig = ScoringConfig()
+    models: Mapping[str, ChurnModel] = field(default_factory=dict)
+    champion: str | None = None  # None: serve the prior
+    model_version: str = "prior:base_rate"
+    base_rate: float = 0.5
+    boundaries: Boundaries | None = None
+    premium_boundary: float | None = None
+    btyd: PopulationModel | None = None
+    typical_gap_days: float | None = None
+    # Largest customer hash in the population sample once it is full: updates from
+    # customers above it cannot enter the sample, so they are not sent.
+    sample_threshold: int | None = None
+
+    @property
+    def rules(self) -> LifecycleRules:
+        return _rules(self.config.lifecycle, self.typical_gap_days)
+
+
+EMPTY_BUNDLE = ModelBundle()
+
+
+@functools.lru_cache(maxsize=64)
+def _rules(base: LifecycleRules, typical_gap_days: float | None) -> LifecycleRules:
+    if typical_gap_days is None:
+        return base
+    return replace(base, typical_gap_days=typical_gap_days)
+
+
+class Transition(NamedTuple):
+    customer_id: str
+    old: str
+    new: str
+    at_us: int
+
+
+class PopulationRow(NamedTuple):
+    """A customer's current values, for the population sample."""
+
+    key_hash: int
+    first_purchase_us: int
+    last_purchase_us: int
+    purchase_count: int
+    net_spend: float
+    expected_value: float | None
+    as_of_us: int
+
+
+@dataclass(slots=True)
+class Outputs:
+    """What scoring customers produced, besides their documents."""
+
+    labels: list[LabeledExample] = field(default_factory=list)
+    transitions: list[Transition] = field(default_factory=list)
+    registrations: list[tuple[str, int]] = field(default_factory=list)  # (customer, due)
+    population: list[PopulationRow] = field(default_factory=list)
+
+
+class ScoredCustomer:
+    """A customer's exact state and time-dependent scores (see the module docstring)."""
+
+    __slots__ = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
+                 "key_hash")
+
+    def __init__(self, customer_id: str) -> None:
+        self.state = CustomerState(customer_id)
+        self.stage: Stage | None = None
+        self.pending: PendingLabel | None = None
+        self.risk: float | None = None  # churn risk at the last evaluation
+        self.as_of_us: int | None = None
+        self.steps = 0  # due instants processed since the newest applied event
+        self.registered_us: int | None = None  # due instant the flow will wake us at
+        self.key_hash = customer_hash(customer_id)
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            object.__setattr__(self, name, value)
+
+    @property
+    def customer_id(self) -> str:
+        return self.state.customer_id
+
+    @property
+    def version(self) -> int:
+        return (self.state.version << STEP_BITS) | min(self.steps, (1 << STEP_BITS) - 1)
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def apply(self, tx: Transaction, bundle: ModelBundle, out: Outputs) -> str | Rejection:
+        """Apply one event: catch up the due instants before it, then update the scores."""
+        t = tx.occurred_at_us
+        self._advance(t - 1, bundle, out)
+        outcome = self.state.apply(tx, bundle.config.lateness_us)
+        if outcome is not APPLIED:
+            return outcome
+        self.steps = 0
+        if self.as_of_us is None or t > self.as_of_us:
+            self.as_of_us = t
+        if not tx.is_refund and t == self.state.last_purchase_us:
+            self._open_label(t, bundle, out)
+        self._evaluate(bundle, out)
+        return outcome
+
+    def wake(self, due_us: int, bundle: ModelBundle, out: Outputs) -> bool:
+        """The stream clock passed ``due_us``: process every due instant up to it.
+
+        Returns whether anything was due (a stale wake, superseded by events, is not).
+        """
+        if self.registered_us is not None and self.registered_us <= due_us:
+            self.registered_us = None
+        return self._advance(due_us, bundle, out)
+
+    def register(self, bundle: ModelBundle, out: Outputs) -> None:
+        """Ask to be woken at the next due instant, unless an earlier wake is coming."""
+        due = self.next_due_us(bundle)
+        if due is not None and (self.registered_us is None or due < self.registered_us):
+            self.registered_us = due
+            out.registrations.append((self.customer_id, due))
+
+    # -- time -----------------------------------------------------------------------------
+
+    def next_due_us(self, bundle: ModelBundle) -> int | None:
+        """The next instant at which a score changes if no event arrives."""
+        now = self.as_of_us
+        if now is None:
+            return None
+        candidates = []
+        if self.pending is not None:  # the label matures once the clock *passes* the horizon
+            candidates.append(self.pending.opened_at_us + bundle.config.horizon_us + 1)
+        facts = self._facts(self.risk)
+        if self.stage is not None and facts.last_purchase_us is not None:
+            rules = bundle.rules
+            change = next_change_at(facts, now, self.stage, rules)
+            if change is not None:
+                candidates.append(change)
+            # One expected gap on, a confident churn model may turn the customer at risk.
+            last = facts.last_purchase_us
+            gap_at = last + round(expected_gap_days(facts, rules) * DAY_US)
+            if gap_at > now:
+                candidates.append(gap_at)
+            refresh = next((last + round(d * DAY_US) for d in bundle.config.refresh_days
+                            if last + d * DAY_US > now), None)
+            if refresh is not None:
+                candidates.append(refresh)
+        later = [t for t in candidates if t > now]
+        return min(later) if later else None
+
+    def _advance(self, to_us: int, bundle: ModelBundle, out: Outputs) -> bool:
+        advanced = False
+        while (due := self.next_due_us(bundle)) is not None and due <= to_us:
+            self.as_of_us = due
+            self.steps += 1
+            self._evaluate(bundle, out)
+            advanced = True
+        return advanced
+
+    # -- scores ---------------------------------------------------------------------------
+
+    def _facts(self, risk: float | None) -> Facts:
+        s = self.state
+        return Facts(s.purchase_count, s.first_purchase_us, s.last_purchase_us,
+                     s.gap_mean_days(), risk)
+
+    def _open_label(self, t: int, bundle: ModelBundle, out: Outputs) -> None:
+        horizon = bundle.config.horizon_us
+        example = mature_on_purchase(self.pending, t, horizon)
+        if example is not None:
+            out.labels.append(example)
+        self.pending = self._open(t, bundle)
+
+    def _open(self, t: int, bundle: ModelBundle) -> PendingLabel:
+        features = churn_features(self.state, t)
+        predictions = {name: m.predict_proba_one(features) for name, m in bundle.models.items()}
+        return PendingLabel.open(features, t, predictions)
+
+    def _evaluate(self, bundle: ModelBundle, out: Outputs) -> None:
+        """Mature the label if the clock passed it, then recompute risk and stage."""
+        now = self.as_of_us
+        assert now is not None
+        example = mature_on_clock(self.pending, now, bundle.config.horizon_us)
+        if example is not None:
+            out.labels.append(example)
+            # A new prediction opens while the customer is silent: the models learn what
+            # silence means (will someone quiet for 90 days buy in the next 90?).
+            last = self.state.last_purchase_us
+            silent_days = 0.0 if last is None else (now - last) / DAY_US
+            self.pending = (self._open(now, bundle)
+                            if silent_days < bundle.config.max_silence_days else None)
+        self.risk = self._churn_risk(bundle, now)
+        stage = lifecycle_stage(self._facts(self.risk), now, self.stage, bundle.rules)
+        if self.stage is not None and stage.name != self.stage.name:
+            out.transitions.append(Transition(self.customer_id, self.stage.name, stage.name, now))
+        self.stage = stage
+
+    def _churn_risk(self, bundle: ModelBundle, now: int) -> float | None:
+        s = self.state
+        if s.last_purchase_us is None:
+            return None
+        if bundle.champion is not None:
+            pending = self.pending
+            if pending is not None and pending.opened_at_us == now:
+                risk = dict(pending.predictions).get(bundle.champion)
+                if risk is not None:
+                    return risk
+            return bundle.models[bundle.champion].predict_proba_one(churn_features(s, now))
+        if bundle.btyd is not None:
+            x, t_x, T = self._btyd_inputs(now)
+            return bgnbd_churn_prior(bundle.btyd.bgnbd, x, t_x, T,
+                                     bundle.config.churn_horizon_days)
+        return bundle.base_rate
+
+    def _btyd_inputs(self, now: int) -> tuple[int, float, float]:
+        s = self.state
+        assert s.first_purchase_us is not None and s.last_purchase_us is not None
+        t_x = (s.last_purchase_us - s.first_purchase_us) / DAY_US
+        return s.purchase_count - 1, t_x, max((now - s.first_purchase_us) / DAY_US, t_x)
+
+    def document(self, bundle: ModelBundle, out: Outputs) -> dict[str, Any]:
+        """The score document at ``as_of`` (docs/design.md); records the population row."""
+        s, cfg, now = self.state, bundle.config, self.as_of_us
+        assert now is not None
+        doc = s.document(now)
+        doc["version"] = self.version
+        net, gross = s.net_micros / MICROS, s.gross_micros / MICROS
+        p_alive = expected = clv = None
+        if bundle.btyd is not None and s.purchase_count > 0:
+            x, t_x, T = self._btyd_inputs(now)
+            spend_mean = max(s.gross_micros / s.purchase_count / MICROS, 0.0)
+            p_alive = float(bundle.btyd.p_alive(x, t_x, T))
+            expected = float(bundle.btyd.expected_purchases(cfg.clv_horizon_days, x, t_x, T))
+            clv = expected * float(bundle.btyd.expected_spend(x, spend_mean))
+        expected_value = None if clv is None else net + clv
+        rfm = doc["rfm"]
+        stage = self.stage.name if self.stage is not None else PROSPECT
+        segment = None
+        if s.last_purchase_us is not None and bundle.boundaries is not None:
+            cell = rfm_scores(rfm["recency_days"], rfm["frequency"], rfm["monetary"],
+                              bundle.boundaries.at(now))
+            segment = cell.segment
+            rfm.update(cell._asdict())
+        tier = value_tier(expected_value, bundle.premium_boundary, net, gross, cfg.value)
+        usual_gap = (expected_gap_days(self._facts(self.risk), bundle.rules)
+                     if s.purchase_count else None)
+        plan = strategy(stage, tier, segment, self.risk, recency_days=rfm["recency_days"],
+                        usual_gap_days=usual_gap,
+                        low_cause=low_value_cause(net, gross, expected_value, None, cfg.value),
+                        premium_share=cfg.premium_share,
+                        churn_horizon_days=round(cfg.churn_horizon_days))
+        doc.update(
+            churn_risk=self.risk, churn_horizon_days=cfg.churn_horizon_days,
+            churn_risk_source=("model" if bundle.champion is not None else "prior"),
+            p_alive=p_alive, expected_purchases=expected, clv_historic=net,
+            clv_predicted=clv, clv_horizon_days=cfg.clv_horizon_days,
+            lifecycle_stage=stage, value_tier=tier,
+            strategy={"name": plan.name, "reason": plan.reason},
+            model_version=bundle.model_version,
+        )
+        threshold = bundle.sample_threshold
+        if s.first_purchase_us is not None and s.last_purchase_us is not None and (
+                threshold is None or self.key_hash <= threshold):
+            out.population.append(PopulationRow(
+                self.key_hash, s.first_purchase_us, s.last_purchase_us, s.purchase_count,
+                net, expected_value, now))
+        return doc

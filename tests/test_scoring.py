@@ -1,0 +1,127 @@
+"""Per-customer scoring in event time (models/scoring.py) and its timers (flows/timers.py)."""
+
+from __future__ import annotations
+
+import pickle
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flows.scoring import ClockLogic, Counts
+from flows.timers import BUCKET_US, Registration, Tick, TimerBucketLogic, Wake
+from models.churn_features import FEATURE_NAMES
+from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer
+from models.transaction import DAY_US, MICROS, Transaction
+
+HORIZON_US = EMPTY_BUNDLE.config.horizon_us
+
+
+def purchase(day: float, n: int, refund: bool = False) -> Transaction:
+    return Transaction(f"e{n}", "c", round(day * DAY_US), refund, 20 * MICROS, "EUR",
+                       f"e{n}".encode())
+
+
+def run(events: list[Transaction], end_us: int, wakes_on_time: bool) -> tuple[object, ...]:
+    """Feed ``events``; with ``wakes_on_time`` every registered wake-up is delivered as
+    soon as the clock (the newest event time) passes it, else only at ``end_us``."""
+    customer, out = ScoredCustomer("c"), Outputs()
+    clock = None
+    for tx in events:
+        clock = tx.occurred_at_us if clock is None else max(clock, tx.occurred_at_us)
+        if wakes_on_time:
+            while customer.registered_us is not None and customer.registered_us <= clock:
+                customer.wake(customer.registered_us, EMPTY_BUNDLE, out)
+                customer.register(EMPTY_BUNDLE, out)
+        customer.apply(tx, EMPTY_BUNDLE, out)
+        customer.register(EMPTY_BUNDLE, out)
+    customer.wake(end_us, EMPTY_BUNDLE, out)
+    labels = [(x.opened_at_us, x.label, x.matured_at_us) for x in out.labels]
+    return customer.stage, customer.as_of_us, out.transitions, labels
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.floats(0, 700), min_size=1, max_size=25))
+def test_wakes_and_catch_up_give_the_same_history(days):
+    """Replaying at full speed (wake-ups arrive late) = running live (they arrive on time)."""
+    events = [purchase(d, i) for i, d in enumerate(sorted(days))]
+    end = 800 * DAY_US
+    assert run(events, end, wakes_on_time=True) == run(events, end, wakes_on_time=False)
+
+
+def test_labels_mature_on_the_next_purchase_or_when_the_clock_passes_the_horizon():
+    customer, out = ScoredCustomer("c"), Outputs()
+    customer.apply(purchase(0, 1), EMPTY_BUNDLE, out)
+    customer.apply(purchase(30, 2), EMPTY_BUNDLE, out)  # bought again within 90 days: 0
+    assert [(x.label, x.matured_at_us) for x in out.labels] == [(0, 30 * DAY_US)]
+    due = 30 * DAY_US + HORIZON_US + 1  # the clock must pass day 120
+    assert not customer.wake(due - 2, EMPTY_BUNDLE, out) or len(out.labels) == 1
+    customer.wake(due, EMPTY_BUNDLE, out)
+    assert [(x.label, x.matured_at_us) for x in out.labels][-1] == (1, 30 * DAY_US + HORIZON_US)
+    # Silent now: a new prediction opens at that instant, with the silence in its features.
+    assert customer.pending.opened_at_us == due
+    features = dict(zip(FEATURE_NAMES, customer.pending.features, strict=True))
+    assert features["recency_days"] > 89.9
+
+
+def test_a_silent_customer_turns_at_risk_then_churned_and_comes_back_reactivated():
+    customer, out = ScoredCustomer("c"), Outputs()
+    for i, day in enumerate((0, 10, 20, 30, 40)):
+        customer.apply(purchase(day, i), EMPTY_BUNDLE, out)
+    stages = []
+    while (due := customer.next_due_us(EMPTY_BUNDLE)) is not None:
+        customer.wake(due, EMPTY_BUNDLE, out)
+        stages.append(customer.stage.name)
+    assert stages[-1] == "churned" and "at_risk" in stages
+    # Wake-ups stop once silence exceeds max_silence_days: nothing is due forever.
+    cfg = EMPTY_BUNDLE.config
+    assert customer.as_of_us <= (40 + cfg.max_silence_days + cfg.churn_horizon_days + 1) * DAY_US
+    customer.apply(purchase(customer.as_of_us / DAY_US + 1, 9), EMPTY_BUNDLE, out)
+    assert customer.stage.name == "reactivated"
+    kinds = [(t.old, t.new) for t in out.transitions]
+    assert kinds[-3:] == [("active", "at_risk"), ("at_risk", "churned"),
+                          ("churned", "reactivated")]
+
+
+def test_register_asks_again_only_for_an_earlier_instant():
+    customer, out = ScoredCustomer("c"), Outputs()
+    customer.apply(purchase(0, 1), EMPTY_BUNDLE, out)
+    customer.register(EMPTY_BUNDLE, out)
+    assert out.registrations == [("c", 7 * DAY_US)]  # the first refresh, a week on
+    customer.apply(purchase(25, 2), EMPTY_BUNDLE, out)  # still due at day 7: no new ask
+    customer.register(EMPTY_BUNDLE, out)
+    assert len(out.registrations) == 1
+    first = out.registrations[0][1]
+    customer.wake(first, EMPTY_BUNDLE, out)
+    customer.register(EMPTY_BUNDLE, out)
+    assert len(out.registrations) == 2 and out.registrations[1][1] > first
+
+
+def test_scored_customer_pickles_round_trip():
+    customer, out = ScoredCustomer("c"), Outputs()
+    customer.apply(purchase(0, 1), EMPTY_BUNDLE, out)
+    back = pickle.loads(pickle.dumps(customer))
+    assert back.document(EMPTY_BUNDLE, Outputs()) == customer.document(EMPTY_BUNDLE, Outputs())
+
+
+def test_timer_bucket_holds_until_its_tick_then_fires_late_registrations_at_once():
+    bucket = TimerBucketLogic(None)
+    assert bucket.on_batch([Registration("a", 5), Registration("b", 7)])[0] == []
+    fired, _ = bucket.on_batch([Tick(BUCKET_US)])
+    assert sorted(fired) == [Wake("a", 5), Wake("b", 7)]
+    resumed = TimerBucketLogic(bucket.snapshot())
+    assert resumed.on_batch([Registration("c", 9)])[0] == [Wake("c", 9)]
+
+
+def test_clock_fires_due_registrations_and_ticks_passed_hours():
+    from crmscore.layout import RedisLayout
+
+    clock = ClockLogic(None, RedisLayout("t:"))
+    out, _ = clock.on_batch([Counts(applied=1, clock_us=10 * BUCKET_US + 5)])
+    assert [o for o in out if isinstance(o, tuple) and isinstance(o[1], Tick)] == []
+    out, _ = clock.on_batch([Registration("a", 10 * BUCKET_US),  # already due
+                             Registration("b", 13 * BUCKET_US + 1),
+                             Counts(applied=1, clock_us=12 * BUCKET_US + 3)])
+    assert Wake("a", 10 * BUCKET_US) in out
+    routed = [o for o in out if isinstance(o, tuple) and not hasattr(o, "_fields")]
+    assert ("13", Registration("b", 13 * BUCKET_US + 1)) in routed
+    assert [k for k, v in routed if isinstance(v, Tick)] == ["10", "11"]
