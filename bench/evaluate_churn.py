@@ -20,6 +20,7 @@ Run: ``.venv/bin/python bench/evaluate_churn.py [--customers 5000] [--seed 3]``
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -138,7 +139,7 @@ def bgnbd_baseline(docs: dict[str, dict], cut: float) -> dict[str, tuple[float, 
 def calibration_table(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[str]:
     rows = ["  predicted      n  mean risk  observed"]
     edges = np.linspace(0, 1, bins + 1)
-    for lo, hi in zip(edges, edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         inside = (p >= lo) & ((p < hi) | (hi == 1.0))
         if inside.any():
             rows.append(f"  {lo:.1f}-{hi:.1f}  {inside.sum():6d}  {p[inside].mean():9.3f}"

@@ -133,5 +133,6 @@ def strategy(lifecycle_stage: str, value_tier: str, rfm_segment: str | None,
     if rfm_segment in COOLING_SEGMENTS:
         return Strategy("relationship", f"Regular customer cooling off ({label}; {rhythm}). "
                                         "Strengthen the relationship with a personal touch.")
-    return Strategy("cross_sell", f"Regular customer ({label}) with normal value: "
-                                  "cross-sell related products to grow them to premium.")
+    who = "Regular customer" if rfm_segment is None else f"Regular customer ({label})"
+    return Strategy("cross_sell", f"{who} with normal value: cross-sell related products "
+                                  "to grow them to premium.")

@@ -155,11 +155,14 @@ def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, 
     env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
     conn = redis.Redis.from_url(redis_url)
     rng = random.Random(5)
-    # Published over ~8 s while the flow is killed three times at random moments.
-    publisher = threading.Thread(target=publish, args=(env, lines, 2500.0))
+    # A first slice, then the rest published over ~8 s from the moment the first flow is
+    # up (its start-up time varies), while the flow is killed three times at random.
+    head = 200
+    publish(env, lines[:head])
     proc = env.start_flow()
-    publisher.start()
     wait_for_consumed(conn, env.layout, 1, proc)  # the first flow is up and applying
+    publisher = threading.Thread(target=publish, args=(env, lines[head:], 2500.0))
+    publisher.start()
     kills = 0
     for _ in range(3):
         time.sleep(rng.uniform(1.0, 1.8))
