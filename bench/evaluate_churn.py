@@ -194,6 +194,10 @@ def main() -> int:
     print(f"served model: {report.get('model_version')}, matured labels "
           f"{report.get('churn', {}).get('labels')}, online AUC of the champion "
           f"{report.get('metrics', {}).get('churn_auc', float('nan')):.3f}")
+    for name, m in report.get("churn", {}).get("models", {}).items():
+        metrics = m["metrics"]
+        print(f"  arena {name:8s} labels {m['matured_labels']:7d}  " + "  ".join(
+            f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"{'score':34s} {'AUC stopped':>12s} {'AUC no-buy-90d':>15s}")
     for name, s in (("churn_risk (pipeline)", risk), ("recency (days since purchase)", recency),
                     ("BG/NBD 1 - p_alive (lifetimes)", bg_dead),

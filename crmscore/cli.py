@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("crmscore.generator", "write a synthetic transaction stream with ground truth"),
     "replay": ("crmscore.replay", "publish a JSONL/CSV file to the transactions topic"),
     "topics": ("crmscore.topics", "create the service's Kafka topics"),
+    "report": ("crmscore.report", "print the alert report: treated vs holdout uplift per rule"),
     "bench": ("crmscore.bench", "measure flow throughput beside a trivial bytewax flow"),
 }
 

@@ -38,6 +38,10 @@ class RedisLayout:
         """HASH {v: version, doc: pickled models.scoring.ModelBundle} the flow scores with."""
         return f"{self.prefix}models:bundle"
 
+    def alert_report(self) -> str:
+        """HASH {v: version, doc: JSON alert report: per rule, treated vs holdout}."""
+        return f"{self.prefix}alerts:report"
+
     def score_pattern(self) -> str:
         return f"{self.prefix}score:*"
 

@@ -79,6 +79,9 @@ class Settings:
     model_publish_seconds: float = _setting(
         2.0, "seconds between the models step's publications of models and report to Redis"
     )
+    alert_rules: str = _setting(
+        "", "alert rules file (TOML); empty: the packaged crmscore/alert_rules.toml"
+    )
     btyd_refit_days: float = _setting(
         7.0, "days of event time between BG/NBD + Gamma-Gamma refits (in the background)"
     )

@@ -22,6 +22,7 @@ from bytewax.run import cli_main
 from crmscore.clients import ensure_topics
 from crmscore.settings import Settings
 from flows.scoring import build_flow
+from models.alerts import AlertRulesError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     add_setting_flags(
         parser, "kafka_bootstrap", "redis_url", "redis_prefix", "transactions_topic",
-        "dlq_topic", "topic_partitions", "recovery_dir", "recovery_partitions",
-        "snapshot_interval", "backup_interval", "lateness_days", "max_future_seconds",
+        "dlq_topic", "alerts_topic", "timers_topic", "topic_partitions", "recovery_dir",
+        "recovery_partitions", "snapshot_interval", "backup_interval", "lateness_days",
+        "max_future_seconds", "churn_horizon_days", "clv_horizon_days", "alert_rules",
     )
     parser.add_argument("--until-end", action="store_true",
                         help="stop at the end of the topic instead of waiting for new events")
@@ -77,14 +79,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # inside an operator.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
+    try:
+        flow = build_flow(settings, tail=not args.until_end)
+    except AlertRulesError as exc:
+        log.error("%s", exc)
+        return 2
     ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,
-                             settings.timers_topic])
+                             settings.timers_topic, settings.alerts_topic])
     tune_gc()
     recovery = None if args.no_recovery else recovery_config(settings)
     log.info("flow starting: %s", settings.redacted())
     addresses = args.addresses.split(";") if args.addresses else None
     cli_main(
-        build_flow(settings, tail=not args.until_end),
+        flow,
         workers_per_process=args.workers_per_process,
         process_id=args.process_id,
         addresses=addresses,

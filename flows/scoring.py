@@ -12,6 +12,8 @@
                 -> ticks + registrations -> timer buckets (key: hour) -> timers topic
            -> matured labels + population rows -> models (one key)
                 -> model bundle + report -> Redis -> read back by customers (model_registry)
+           -> alerts (live) -> alerts topic
+           -> alerts + their outcomes -> alert report (one key) -> Redis
 
 Every consumed transaction ends in exactly one of three counts, kept in the flow's own
 recovered state so they stay exact across crashes: applied (a new valid event),
@@ -38,6 +40,7 @@ from bytewax.operators import StatefulBatchLogic
 from crmscore.clients import CONSUMER_DEFAULTS
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
+from flows.alerting import AlertReportLogic, alert_message, is_published
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
@@ -51,8 +54,10 @@ from flows.timers import (
     encode_wake,
     ticks,
 )
+from models.alerts import Alert, AlertRules, load_rules
 from models.churn import LabeledExample
 from models.customer import APPLIED, DUPLICATE
+from models.outcomes import Outcome
 from models.population import Population
 from models.scoring import (
     ModelBundle,
@@ -145,12 +150,15 @@ def scoring_config(settings: Settings) -> ScoringConfig:
 class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
     """Applies a customer's events and wake-ups; emits one score document per batch that
     changed it, dead letters for refused events, the batch's outcome counts, the next
-    wake-up registration, matured churn labels and the customer's population row."""
+    wake-up registration, matured churn labels, the customer's population row, alerts
+    and the outcomes of alerts followed up."""
 
-    def __init__(self, resume: bytes | None, bundles: BundleCache, layout: RedisLayout) -> None:
+    def __init__(self, resume: bytes | None, bundles: BundleCache, layout: RedisLayout,
+                 rules: AlertRules | None) -> None:
         self.customer: ScoredCustomer | None = None if resume is None else pickle.loads(resume)
         self.bundles = bundles
         self.layout = layout
+        self.rules = rules
 
     def on_batch(self, values: list[Accepted | Wake]) -> tuple[list[Any], bool]:
         if self.customer is None:  # bytewax does not pass the key: take it from the item
@@ -163,9 +171,9 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         changed = False
         for item in values:
             if isinstance(item, Wake):
-                changed |= customer.wake(item.due_us, bundle, out)
+                changed |= customer.wake(item.due_us, bundle, out, self.rules)
                 continue
-            outcome = customer.apply(item.tx, bundle, out)
+            outcome = customer.apply(item.tx, bundle, out, self.rules)
             if outcome is APPLIED:
                 applied += 1
             elif outcome is DUPLICATE:
@@ -186,6 +194,8 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         emitted += [Registration(*r) for r in out.registrations]
         emitted += out.labels
         emitted += out.population
+        emitted += out.alerts
+        emitted += out.outcomes
         return emitted, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
@@ -292,6 +302,7 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     kafka_config = settings.kafka_client_config()
     brokers = kafka_config.pop("bootstrap.servers").split(",")
     timers_topic = settings.timers_topic
+    rules = load_rules(settings.alert_rules or None)  # a bad file stops the start here
 
     flow = Dataflow("crmscore")
     kafka = kop.input(
@@ -306,12 +317,23 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     by_customer = op.key_on("by_customer", refused_or_not.falses, customer_of)
     # (customer_id, Accepted | Wake)
     results = op.stateful_batch(
-        "customers", by_customer, lambda resume: CustomerLogic(resume, bundles, layout),
+        "customers", by_customer,
+        lambda resume: CustomerLogic(resume, bundles, layout, rules),
     )
     results = op.key_rm("drop_customer_key", results)
-    scores, refused_late, counts, registrations, learning = split(
-        "customer_out", results, VersionedDoc, Refused, Counts, Registration)
+    scores, refused_late, counts, registrations, alerts, outcomes, learning = split(
+        "customer_out", results, VersionedDoc, Refused, Counts, Registration, Alert, Outcome)
     # learning: LabeledExample | PopulationRow
+
+    live = op.filter("live_alerts", alerts, is_published)
+    op.output("alerts_out", op.map("alert_message", live, alert_message),
+              KafkaTopicSink(settings, settings.alerts_topic))
+    alert_report = op.stateful_batch(
+        "alert_report",
+        op.key_on("alert_report_key", op.merge("alert_report_in", alerts, outcomes),
+                  lambda _: "alerts"),
+        lambda resume: AlertReportLogic(resume, layout, settings.model_publish_seconds),
+    )
 
     refused_early = op.merge("refused_early", refused_or_not.trues, broken)
     refused = op.merge("all_refused", refused_early, refused_late)
@@ -344,6 +366,7 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
         lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
                                    settings.btyd_refit_days),
     )
-    docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models))
+    docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models),
+                    op.key_rm("drop_alert_report_key", alert_report))
     op.output("redis", docs, RedisDocSink(settings))
     return flow

@@ -61,6 +61,10 @@ FEATURE_NAMES: tuple[str, ...] = (
     "log_spend_30d",
     "log_spend_90d",
     "log_spend_365d",
+    # Stacking: logit of BG/NBD's P(no purchase in the horizon) with the population's
+    # current parameters (0 before the first fit). Not computed here: it needs the
+    # population model, so models.scoring sets it (ScoredCustomer._features).
+    "bgnbd_logit",
 )
 
 
@@ -145,6 +149,7 @@ def _features(
         "log_spend_30d": math.log1p(spans[30]["spend"]),
         "log_spend_90d": math.log1p(spans[90]["spend"]),
         "log_spend_365d": math.log1p(spans[365]["spend"]),
+        "bgnbd_logit": 0.0,
     }
 
 

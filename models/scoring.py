@@ -27,12 +27,14 @@ CLV, RFM scores and the premium tier are unset.
 ...     _ = c.apply(buy("c", f"e{day}", day), EMPTY_BUNDLE, out)
 >>> c.stage.name
 'active'
->>> dues = []  # refreshes a week and two on, one expected gap (18 days), ...
+>>> dues = []  # refreshes 7, 14, 21, 30 days on, one expected gap (18 days), ...
 >>> while (due := c.next_due_us(EMPTY_BUNDLE)) < 70 * DAY_US:
 ...     _ = c.wake(due, EMPTY_BUNDLE, out)
 ...     dues.append((due / DAY_US, c.stage.name))
->>> dues
-[(37.0, 'active'), (44.0, 'active'), (48.0, 'active'), (60.0, 'active'), (66.0, 'at_risk')]
+>>> dues[:3]
+[(37.0, 'active'), (44.0, 'active'), (48.0, 'active')]
+>>> dues[-2:]
+[(60.0, 'active'), (66.0, 'at_risk')]
 >>> [(t.old, t.new, t.at_us / DAY_US) for t in out.transitions]  # two expected gaps: at risk
 [('new', 'active', 30.0), ('active', 'at_risk', 66.0)]
 """
@@ -40,10 +42,12 @@ CLV, RFM scores and the premium tier are unset.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+from models.alerts import Alert, AlertMemory, AlertRules, Cause, detect
 from models.btyd import PopulationModel
 from models.churn import (
     ChurnModel,
@@ -65,6 +69,7 @@ from models.lifecycle import (
     lifecycle_stage,
     next_change_at,
 )
+from models.outcomes import FollowUps, Outcome
 from models.quantiles import Boundaries, customer_hash
 from models.rfm import rfm_scores
 from models.strategy import strategy
@@ -84,7 +89,8 @@ class ScoringConfig:
     premium_share: float = 0.2
     # Days after the last purchase at which a silent customer is rescored anyway, so
     # recency and churn risk keep moving with the clock (lifecycle instants come on top).
-    refresh_days: tuple[float, ...] = (7, 14, 30, 60, 120, 180, 270, 365, 540, 730)
+    refresh_days: tuple[float, ...] = (7, 14, 21, 30, 45, 60, 90, 120, 150, 180, 240, 300,
+                                       365, 450, 540, 630, 730)
     # A silent customer keeps opening churn predictions (one per horizon) until this
     # long after their last purchase; then they sleep until their next event.
     max_silence_days: float = 730.0
@@ -160,13 +166,15 @@ class Outputs:
     transitions: list[Transition] = field(default_factory=list)
     registrations: list[tuple[str, int]] = field(default_factory=list)  # (customer, due)
     population: list[PopulationRow] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    outcomes: list[Outcome] = field(default_factory=list)  # of alerts followed up
 
 
 class ScoredCustomer:
     """A customer's exact state and time-dependent scores (see the module docstring)."""
 
     __slots__ = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
-                 "key_hash")
+                 "key_hash", "alerts", "followups")
 
     def __init__(self, customer_id: str) -> None:
         self.state = CustomerState(customer_id)
@@ -177,6 +185,8 @@ class ScoredCustomer:
         self.steps = 0  # due instants processed since the newest applied event
         self.registered_us: int | None = None  # due instant the flow will wake us at
         self.key_hash = customer_hash(customer_id)
+        self.alerts = AlertMemory()  # what the alert rules remember
+        self.followups = FollowUps()  # alerts whose outcome (a purchase?) is being watched
 
     def __getstate__(self) -> tuple[Any, ...]:
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -195,29 +205,34 @@ class ScoredCustomer:
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def apply(self, tx: Transaction, bundle: ModelBundle, out: Outputs) -> str | Rejection:
-        """Apply one event: catch up the due instants before it, then update the scores."""
+    def apply(self, tx: Transaction, bundle: ModelBundle, out: Outputs,
+              rules: AlertRules | None = None) -> str | Rejection:
+        """Apply one event: catch up the due instants before it, then update the scores
+        (and, with alert ``rules``, detect alerts and follow up the open ones)."""
         t = tx.occurred_at_us
-        self._advance(t - 1, bundle, out)
+        self._advance(t - 1, bundle, out, rules)
         outcome = self.state.apply(tx, bundle.config.lateness_us)
         if outcome is not APPLIED:
             return outcome
         self.steps = 0
         if self.as_of_us is None or t > self.as_of_us:
             self.as_of_us = t
-        if not tx.is_refund and t == self.state.last_purchase_us:
-            self._open_label(t, bundle, out)
-        self._evaluate(bundle, out)
+        if not tx.is_refund:
+            self.followups.on_purchase(tx.amount_micros, t)
+            if t == self.state.last_purchase_us:
+                self._open_label(t, bundle, out)
+        self._step(bundle, out, rules, Cause.of(tx))
         return outcome
 
-    def wake(self, due_us: int, bundle: ModelBundle, out: Outputs) -> bool:
+    def wake(self, due_us: int, bundle: ModelBundle, out: Outputs,
+             rules: AlertRules | None = None) -> bool:
         """The stream clock passed ``due_us``: process every due instant up to it.
 
         Returns whether anything was due (a stale wake, superseded by events, is not).
         """
         if self.registered_us is not None and self.registered_us <= due_us:
             self.registered_us = None
-        return self._advance(due_us, bundle, out)
+        return self._advance(due_us, bundle, out, rules)
 
     def register(self, bundle: ModelBundle, out: Outputs) -> None:
         """Ask to be woken at the next due instant, unless an earlier wake is coming."""
@@ -251,17 +266,36 @@ class ScoredCustomer:
                             if last + d * DAY_US > now), None)
             if refresh is not None:
                 candidates.append(refresh)
+        deadline = self.followups.next_deadline_us()
+        if deadline is not None:  # an alert's outcome is known once late events are in too
+            candidates.append(deadline + bundle.config.lateness_us + 1)
         later = [t for t in candidates if t > now]
         return min(later) if later else None
 
-    def _advance(self, to_us: int, bundle: ModelBundle, out: Outputs) -> bool:
+    def _advance(self, to_us: int, bundle: ModelBundle, out: Outputs,
+                 rules: AlertRules | None) -> bool:
         advanced = False
         while (due := self.next_due_us(bundle)) is not None and due <= to_us:
             self.as_of_us = due
             self.steps += 1
-            self._evaluate(bundle, out)
+            self._step(bundle, out, rules, None)
             advanced = True
         return advanced
+
+    def _step(self, bundle: ModelBundle, out: Outputs, rules: AlertRules | None,
+              cause: Cause | None) -> None:
+        """One processed instant: scores, then (with rules) alerts and their follow-ups."""
+        since = len(out.transitions)
+        self._evaluate(bundle, out)
+        now = self.as_of_us
+        assert now is not None
+        out.outcomes += self.followups.mature(now - bundle.config.lateness_us)
+        if rules is None:
+            return
+        doc = self.document(bundle, Outputs())  # the score this instant's alerts carry
+        for alert in detect(self.alerts, rules, doc, out.transitions[since:], cause):
+            out.alerts.append(alert)
+            self.followups.follow(alert, rules.rule(alert.rule).outcome_us)
 
     # -- scores ---------------------------------------------------------------------------
 
@@ -277,8 +311,18 @@ class ScoredCustomer:
             out.labels.append(example)
         self.pending = self._open(t, bundle)
 
-    def _open(self, t: int, bundle: ModelBundle) -> PendingLabel:
+    def _features(self, t: int, bundle: ModelBundle) -> dict[str, float]:
+        """Churn features at ``t``, stacked with BG/NBD's view under the current bundle."""
         features = churn_features(self.state, t)
+        if bundle.btyd is not None:
+            x, t_x, T = self._btyd_inputs(t)
+            p = bgnbd_churn_prior(bundle.btyd.bgnbd, x, t_x, T, bundle.config.churn_horizon_days)
+            p = min(max(p, 1e-6), 1 - 1e-6)
+            features["bgnbd_logit"] = math.log(p / (1 - p))
+        return features
+
+    def _open(self, t: int, bundle: ModelBundle) -> PendingLabel:
+        features = self._features(t, bundle)
         predictions = {name: m.predict_proba_one(features) for name, m in bundle.models.items()}
         return PendingLabel.open(features, t, predictions)
 
@@ -311,7 +355,7 @@ class ScoredCustomer:
                 risk = dict(pending.predictions).get(bundle.champion)
                 if risk is not None:
                     return risk
-            return bundle.models[bundle.champion].predict_proba_one(churn_features(s, now))
+            return bundle.models[bundle.champion].predict_proba_one(self._features(now, bundle))
         if bundle.btyd is not None:
             x, t_x, T = self._btyd_inputs(now)
             return bgnbd_churn_prior(bundle.btyd.bgnbd, x, t_x, T,

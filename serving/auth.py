@@ -2,8 +2,9 @@
 
 ``CRMSCORE_API_KEYS`` holds comma-separated ``role:sha256hex`` entries, the SHA-256
 of each key and never the key itself. Role ``reader`` may read scores, watch
-customers and list segments; ``admin`` may do that and read the pipeline status and
-model reports. Keys are compared in constant time and never logged.
+customers and list segments; ``admin`` may do that and read the pipeline status, model
+reports and alert reports. A presented key is looked up by its SHA-256 (one hash and one
+dict probe per call: the timing of the probe tells nothing about the key) and never logged.
 
 >>> key = new_key()
 >>> keys = ApiKeys.parse(entry("reader", key))
@@ -18,11 +19,10 @@ serving.auth.AuthConfigError: CRMSCORE_API_KEYS entry 1: expected 'role:<64 hex 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serving.errors import PermissionDenied, Unauthenticated
 
@@ -41,6 +41,7 @@ METHOD_ROLES = {
     _SCORING + "ListSegments": READER,
     _SCORING + "GetPipelineStatus": ADMIN,
     _SCORING + "GetModelReport": ADMIN,
+    _SCORING + "GetAlertReport": ADMIN,
 }
 
 
@@ -75,6 +76,14 @@ def auth_enabled(value: str) -> bool:
 @dataclass(frozen=True)
 class ApiKeys:
     entries: tuple[tuple[str, bytes], ...]  # (role, SHA-256 digest)
+    _roles: dict[bytes, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        roles: dict[bytes, str] = {}
+        for role, known in self.entries:  # a digest listed twice keeps its highest role
+            if RANK[role] > RANK.get(roles.get(known, ""), 0):
+                roles[known] = role
+        object.__setattr__(self, "_roles", roles)
 
     @classmethod
     def parse(cls, text: str) -> ApiKeys:
@@ -95,13 +104,8 @@ class ApiKeys:
         return cls(tuple(entries))
 
     def role_of(self, key: str) -> str | None:
-        """The role of ``key``, or None; compares against every entry in constant time."""
-        wanted = hashlib.sha256(key.encode()).digest()
-        found = None
-        for role, known in self.entries:
-            if hmac.compare_digest(wanted, known) and RANK[role] > RANK.get(found or "", 0):
-                found = role
-        return found
+        """The role of ``key``, or None."""
+        return self._roles.get(hashlib.sha256(key.encode()).digest())
 
     def authorize(self, metadata: Sequence[tuple[str, str | bytes]] | None, needed: str) -> str:
         """The caller's role if it may call a method needing ``needed``, else raise."""

@@ -92,6 +92,9 @@ class ScoringClient:
     def model_report(self, timeout: float | None = None) -> Any:
         return self.stub.GetModelReport(scoring_pb2.GetModelReportRequest(), **self._opts(timeout))
 
+    def alert_report(self, timeout: float | None = None) -> Any:
+        return self.stub.GetAlertReport(scoring_pb2.GetAlertReportRequest(), **self._opts(timeout))
+
     def list_segments(self, timeout: float | None = None) -> Any:
         return self.stub.ListSegments(scoring_pb2.ListSegmentsRequest(), **self._opts(timeout))
 

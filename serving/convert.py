@@ -13,72 +13,77 @@ readers: later issues add score fields to the same documents.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
-from functools import lru_cache
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from crmscore.v1.scoring_pb2 import (
-    CustomerScore,
-    ModelReport,
-    PipelineStatus,
-    WindowStats,
-)
+from crmscore.v1.scoring_pb2 import AlertReport, CustomerScore, ModelReport, PipelineStatus
 from serving.errors import DataError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_EPOCH_DATE = EPOCH.date()
 
 
-def timestamp(text: str | None) -> Timestamp | None:
-    """RFC 3339 text (``...Z`` or an offset) -> Timestamp; None stays None."""
+def _time(text: str | None) -> dict[str, int] | None:
+    """RFC 3339 text (``...Z`` or an offset; none means UTC) -> Timestamp fields, or None."""
     if text is None:
         return None
-    ts = Timestamp()
-    set_time(ts, text)
-    return ts
-
-
-@lru_cache(maxsize=8192)
-def _day_start(day: str) -> int:
-    return (date.fromisoformat(day) - _EPOCH_DATE).days * 86400
-
-
-def set_time(ts: Timestamp, text: str) -> None:
-    """Set ``ts`` from RFC 3339 text; the flow's ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` fast."""
-    if len(text) == 27 and text[10] == "T" and text[26] == "Z" and text[19] == ".":
-        ts.seconds = (_day_start(text[:10]) + int(text[11:13]) * 3600
-                      + int(text[14:16]) * 60 + int(text[17:19]))
-        ts.nanos = int(text[20:26]) * 1000
-        return
     dt = datetime.fromisoformat(text)
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     delta = dt - EPOCH
-    ts.seconds = delta.days * 86400 + delta.seconds
-    ts.nanos = delta.microseconds * 1000
+    return {"seconds": delta.days * 86400 + delta.seconds, "nanos": delta.microseconds * 1000}
 
 
-def _int(value: Any) -> int | None:
-    return None if value is None else int(value)
+def timestamp(text: str | None) -> Timestamp | None:
+    """RFC 3339 text -> Timestamp; None stays None."""
+    fields = _time(text)
+    return None if fields is None else Timestamp(**fields)
 
 
-def _set_window(w: WindowStats, d: dict[str, Any] | None) -> None:
-    if d:
-        w.purchases = int(d.get("purchases") or 0)
-        w.spend = d.get("spend") or 0.0
-        w.refunds = d.get("refunds") or 0.0
+def _window(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not d:
+        return None
+    return {"purchases": int(d.get("purchases") or 0), "spend": d.get("spend") or 0.0,
+            "refunds": d.get("refunds") or 0.0}
+
+
+def _windows(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not d:
+        return None
+    windows = {"last_30d": _window(d.get("30d")), "last_90d": _window(d.get("90d")),
+               "last_365d": _window(d.get("365d"))}
+    return windows if any(windows.values()) else None
+
+
+def _rfm(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not d:
+        return None
+    rfm = {k: v for k in _RFM_OPTIONAL if (v := d.get(k)) is not None}
+    rfm["frequency"] = int(d.get("frequency") or 0)
+    rfm["monetary"] = d.get("monetary") or 0.0
+    return rfm
+
+
+_RFM_OPTIONAL = ("recency_days", "r_score", "f_score", "m_score", "cell", "segment")
 
 
 def score_from_dict(d: dict[str, Any]) -> CustomerScore:
+    # One constructor call with dicts for the sub-messages: protobuf fills them in C,
+    # about a third faster than assigning field by field.
     get = d.get
-    msg = CustomerScore(
+    strategy = get("strategy")
+    return CustomerScore(
         customer_id=d["customer_id"],
         version=int(get("version") or 0),
+        as_of=_time(get("as_of")),
         currency=get("currency") or "",
+        first_purchase_at=_time(get("first_purchase_at")),
+        last_purchase_at=_time(get("last_purchase_at")),
+        last_event_at=_time(get("last_event_at")),
+        rfm=_rfm(get("rfm")),
         purchase_count=int(get("purchase_count") or 0),
         gross_monetary=get("gross_monetary") or 0.0,
         net_monetary=get("net_monetary") or 0.0,
@@ -86,6 +91,7 @@ def score_from_dict(d: dict[str, Any]) -> CustomerScore:
         refund_total=get("refund_total") or 0.0,
         gap_mean_days=get("gap_mean_days"),
         gap_std_days=get("gap_std_days"),
+        windows=_windows(get("windows")),
         churn_risk=get("churn_risk"),
         churn_horizon_days=get("churn_horizon_days"),
         p_alive=get("p_alive"),
@@ -95,36 +101,10 @@ def score_from_dict(d: dict[str, Any]) -> CustomerScore:
         clv_horizon_days=get("clv_horizon_days"),
         lifecycle_stage=get("lifecycle_stage"),
         value_tier=get("value_tier"),
+        strategy={"name": strategy.get("name") or "", "reason": strategy.get("reason") or ""}
+        if strategy else None,
         model_version=get("model_version"),
     )
-    for field in _TIMES:
-        text = get(field)
-        if text is not None:
-            set_time(getattr(msg, field), text)
-    rfm = get("rfm")
-    if rfm:
-        r = msg.rfm
-        r.frequency = int(rfm.get("frequency") or 0)
-        r.monetary = rfm.get("monetary") or 0.0
-        for field in _RFM_OPTIONAL:
-            value = rfm.get(field)
-            if value is not None:
-                setattr(r, field, value)
-    windows = get("windows")
-    if windows:
-        w = msg.windows
-        _set_window(w.last_30d, windows.get("30d"))
-        _set_window(w.last_90d, windows.get("90d"))
-        _set_window(w.last_365d, windows.get("365d"))
-    strategy = get("strategy")
-    if strategy:
-        msg.strategy.name = strategy.get("name") or ""
-        msg.strategy.reason = strategy.get("reason") or ""
-    return msg
-
-
-_TIMES = ("as_of", "first_purchase_at", "last_purchase_at", "last_event_at")
-_RFM_OPTIONAL = ("recency_days", "r_score", "f_score", "m_score", "cell", "segment")
 
 
 def score_message(raw: bytes) -> CustomerScore:
@@ -170,3 +150,46 @@ def model_report_message(raw: bytes | None) -> ModelReport:
     except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError,
             json_format.ParseError) as exc:
         raise DataError(f"unreadable model report document in Redis: {exc!r}") from exc
+
+
+def _alert_group(d: dict[str, Any] | None) -> dict[str, Any]:
+    d = d or {}
+    return {"n": int(d.get("n") or 0), "conversions": int(d.get("conversions") or 0),
+            "conversion_rate": d.get("conversion_rate"), "mean_spend": d.get("mean_spend")}
+
+
+def _uplift(d: dict[str, Any] | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    low, high = d["ci95"]
+    return {"difference": d["difference"], "ci95_low": low, "ci95_high": high}
+
+
+def alert_report_message(raw: bytes) -> AlertReport:
+    """The alert report document (models/outcomes.py) -> AlertReport, rules by name.
+
+    >>> r = alert_report_message(b'{"updated_at": "2026-01-02T00:00:00Z", "rules": {"x": '
+    ...     b'{"kind": "x", "mode": "live", "alerts": 1, "treated": {"n": 0, "conversions": 0, '
+    ...     b'"conversion_rate": null, "mean_spend": null}, "holdout": {"n": 0, "conversions": 0},'
+    ...     b' "conversion_uplift": null, "spend_uplift": null}}}')
+    >>> r.rules[0].rule, r.rules[0].treated.HasField("conversion_rate"), r.rules[0].HasField(
+    ...     "conversion_uplift")
+    ('x', False, False)
+    """
+    try:
+        d = orjson.loads(raw)
+        rules = d.get("rules") or {}
+        return AlertReport(
+            updated_at=timestamp(d.get("updated_at")),
+            rules=[
+                {"rule": name, "kind": r.get("kind") or "", "mode": r.get("mode") or "",
+                 "alerts": int(r.get("alerts") or 0),
+                 "treated": _alert_group(r.get("treated")),
+                 "holdout": _alert_group(r.get("holdout")),
+                 "conversion_uplift": _uplift(r.get("conversion_uplift")),
+                 "spend_uplift": _uplift(r.get("spend_uplift"))}
+                for name, r in sorted(rules.items())
+            ],
+        )
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"unreadable alert report document in Redis: {exc!r}") from exc

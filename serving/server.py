@@ -1,10 +1,11 @@
 """The gRPC scoring API over the score documents in Redis.
 
 :func:`create_server` builds everything a running server needs: the Scoring servicer,
-the interceptors (auth, error mapping, metrics), the standard health service (SERVING
-only while a background checker's Redis PING answers), server reflection, message
-size limits and, when configured, TLS. It binds the port (0 picks a free one) but does
-not start; tests and ``crmscore serve`` call ``start()``.
+each method wrapped with auth, error mapping and metrics (:mod:`serving.interceptors`),
+the standard health service (SERVING only while a background checker's Redis PING
+answers), server reflection, message size limits and, when configured, TLS. It binds
+the port (0 picks a free one) but does not start; tests and ``crmscore serve`` call
+``start()``.
 
 The server is grpcio's synchronous one on a thread pool: measured faster than
 grpc.aio for these short Redis-bound calls. Each open WatchCustomer stream holds a
@@ -30,9 +31,14 @@ from grpc_reflection.v1alpha import reflection
 from crmscore.settings import Settings
 from crmscore.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.auth import ApiKeys, auth_enabled
-from serving.convert import model_report_message, score_message, status_message
+from serving.convert import (
+    alert_report_message,
+    model_report_message,
+    score_message,
+    status_message,
+)
 from serving.errors import InvalidArgument, NotFound, ServingError, Unavailable
-from serving.interceptors import AuthInterceptor, ErrorInterceptor
+from serving.interceptors import Registrar
 from serving.metrics import REDIS_UP
 from serving.store import ScoreStore
 from serving.watch import CLOSED, RESYNC, UpdateHub
@@ -138,6 +144,12 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
 
     def GetModelReport(self, request: Any, context: grpc.ServicerContext) -> Any:
         return model_report_message(self.store.model_report(_remaining(context)))
+
+    def GetAlertReport(self, request: Any, context: grpc.ServicerContext) -> Any:
+        doc = self.store.alert_report(_remaining(context))
+        if doc is None:
+            raise NotFound("no alert report in Redis yet: has the flow run with alert rules?")
+        return alert_report_message(doc)
 
     def ListSegments(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Counts by SCAN over every score document: O(customers) per call, fine for an
@@ -270,13 +282,12 @@ def create_server(
 ) -> tuple[ScoringServer, int]:
     """Build (not start) the server on ``address`` (default: settings.grpc_address)."""
     address = address or settings.grpc_address
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
     keys = ApiKeys.parse(settings.api_keys)
-    if auth_enabled(settings.auth):
+    auth = auth_enabled(settings.auth)
+    if auth:
         if not keys.entries:
             log.warning("auth on but CRMSCORE_API_KEYS is empty: every Scoring call will be "
                         "refused (create a key with `crmscore keys new --role reader`)")
-        interceptors.append(AuthInterceptor(keys))
     else:
         log.warning("!!! AUTH IS OFF (CRMSCORE_AUTH=off): anyone who reaches %s can read "
                     "every score and the pipeline status. For local demos only. !!!", address)
@@ -287,7 +298,6 @@ def create_server(
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix="crmscore-grpc"
         ),
-        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -296,13 +306,14 @@ def create_server(
     )
     store = ScoreStore(settings)
     hub = UpdateHub(settings, max_watchers=min(settings.max_watchers, settings.grpc_workers - 1))
-    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(store, hub), server)
+    registrar = Registrar(server, keys if auth else None)  # auth, metrics, error statuses
+    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(store, hub), registrar)
     health_servicer = health.HealthServicer()
     for service in ("", SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, registrar)
     reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), registrar
     )
     try:
         if credentials is None:

@@ -29,7 +29,7 @@ SCAN_COUNT = 1000
 
 
 class ScoreStore:
-    """Score documents, pipeline status and model report, read from Redis."""
+    """Score documents, pipeline status, model report and alert report, read from Redis."""
 
     def __init__(self, settings: Settings) -> None:
         self.layout = RedisLayout(settings.redis_prefix)
@@ -76,6 +76,11 @@ class ScoreStore:
 
     def model_report_key(self) -> str:
         return self.layout.model_report()
+
+    def alert_report(self, timeout: float | None = None) -> bytes | None:
+        """The JSON alert report (``{prefix}alerts:report``), or None before the flow wrote one."""
+        (doc,) = self._call("alert_report", [("HGET", self.layout.alert_report(), "doc")], timeout)
+        return doc
 
     def iter_docs(self, timeout: float | None = None) -> Iterator[bytes]:
         """Every score document, by SCAN over the score keys: O(customers) per call."""

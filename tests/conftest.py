@@ -46,3 +46,12 @@ def redis_conn(redis_url: str) -> Iterator[redis.Redis]:
 def unique() -> str:
     """A short unique token for topic names and key prefixes of one test."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(autouse=True)
+def no_flow_outlives_its_test() -> Iterator[None]:
+    """A failed assertion must not leave a flow process running (and eating a core)."""
+    from tests.pipeline import kill_leftovers
+
+    yield
+    kill_leftovers()

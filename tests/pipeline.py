@@ -34,6 +34,10 @@ class FlowEnv:
         return f"dlq-{self.token}"
 
     @property
+    def alerts(self) -> str:
+        return f"alerts-{self.token}"
+
+    @property
     def layout(self) -> RedisLayout:
         return RedisLayout(f"t{self.token}:")
 
@@ -45,6 +49,7 @@ class FlowEnv:
             "CRMSCORE_TRANSACTIONS_TOPIC": self.topic,
             "CRMSCORE_DLQ_TOPIC": self.dlq,
             "CRMSCORE_TIMERS_TOPIC": f"timers-{self.token}",
+            "CRMSCORE_ALERTS_TOPIC": self.alerts,
             "CRMSCORE_REDIS_PREFIX": self.layout.prefix,
             "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
             "CRMSCORE_SNAPSHOT_INTERVAL": "0.25",
@@ -53,10 +58,24 @@ class FlowEnv:
 
     def start_flow(self, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
         log = open(self.recovery_dir.parent / f"flow-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "crmscore.cli", "flow", *args],
             env=self.env(**extra_env), stdout=log, stderr=subprocess.STDOUT,
         )
+        STARTED.append(proc)
+        return proc
+
+
+# Every flow a test started; tests/conftest.py kills the ones a failed test left running.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_leftovers() -> None:
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
 
 
 def status(conn: redis.Redis, layout: RedisLayout) -> dict[str, Any] | None:

@@ -137,6 +137,66 @@ def test_scores_follow_the_stream_clock(broker, redis_url, unique, tmp_path, str
         assert d["p_alive"] is not None and d["clv_predicted"] >= 0.0
     assert sum(d["value_tier"] == "premium" for d in buyers.values()) > 0.05 * len(buyers)
     check_grpc(env, gone[0], report)
+    check_alerts(env, conn, docs, gone, recent)
+
+
+def check_alerts(env: FlowEnv, conn: redis.Redis, docs: dict[str, dict[str, Any]],
+                 gone: list[dict[str, Any]], recent: list[dict[str, Any]]) -> None:
+    """Alerts on the real topic fire in event time, validate, and are measured."""
+    import jsonschema_rs
+
+    from models.alerts import KINDS
+    from tests.pipeline import read_topic
+
+    schema = orjson.loads(Path("schemas/alert.v1.json").read_bytes())
+    validator = jsonschema_rs.validator_for(schema)
+    alerts = [orjson.loads(v) for _, _, _, v in read_topic(env.bootstrap, env.alerts, 4)]
+    assert len(alerts) > 1000
+    for a in alerts:
+        validator.validate(a)
+        assert a["kind"] in KINDS and a["mode"] == "live"  # shadow rules are never published
+    ids = [a["alert_id"] for a in alerts]
+    assert len(set(ids)) == len(ids)  # one uninterrupted run: no repeats
+
+    by_customer: dict[str, list[dict[str, Any]]] = {}
+    for a in sorted(alerts, key=lambda a: a["occurred_at"]):
+        by_customer.setdefault(a["customer_id"], []).append(a)
+    # A customer who went silent was alerted churned after their last purchase, in event
+    # time: while no event of theirs arrived. (Unless the previous churned alert is
+    # within its 30-day cooldown: a quick buyer who came back once and left again.)
+    checked = 0
+    for d in gone:
+        last = epoch(d["last_purchase_at"])
+        kinds = [(a["kind"], epoch(a["occurred_at"])) for a in by_customer.get(d["customer_id"], [])
+                 if a["kind"].startswith("lifecycle.")]
+        if any(k == "lifecycle.churned" and last - 30 * DAY_S < at <= last for k, at in kinds):
+            continue
+        tail = [k for k, at in kinds if at > last]
+        assert tail and tail[-1] == "lifecycle.churned", (d["customer_id"], kinds[-5:])
+        assert tail.count("lifecycle.churned") == 1
+        checked += 1
+    assert checked > 0.8 * len(gone)
+    # Customers buying right now are not churned.
+    for d in recent:
+        last = [a for a in by_customer.get(d["customer_id"], [])
+                if a["kind"].startswith("lifecycle.")]
+        assert not last or last[-1]["kind"] != "lifecycle.churned", d["customer_id"]
+    held = sum(a["holdout"] for a in alerts) / len(alerts)
+    assert 0.05 < held < 0.15, held
+
+    # The report counts every alert, shadow rules included, and follows outcomes.
+    deadline = time.monotonic() + 10
+    while True:
+        raw = conn.hget(env.layout.alert_report(), "doc")
+        report = orjson.loads(raw)["rules"] if raw else {}
+        live = sum(r["alerts"] for r in report.values() if r["mode"] == "live")
+        if live == len(alerts) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert live == len(alerts)
+    assert any(r["mode"] == "shadow" and r["alerts"] > 0 for r in report.values())
+    at_risk = report["lifecycle.at_risk"]
+    assert at_risk["treated"]["n"] + at_risk["holdout"]["n"] > 100
 
 
 def check_grpc(env: FlowEnv, doc: dict[str, Any], report: dict[str, Any]) -> None:

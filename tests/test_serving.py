@@ -276,6 +276,62 @@ def test_model_report_is_empty_until_written(api, conn, admin) -> None:
     conn.delete(key)
 
 
+def alert_report_doc() -> dict[str, Any]:
+    """An alert report as the flow writes it (models/outcomes.py, flows/alerting.py)."""
+    empty = {"n": 0, "conversions": 0, "conversion_rate": None, "mean_spend": None}
+    return {"updated_at": "2026-01-03T00:00:00.000000Z", "rules": {
+        "lifecycle.at_risk": {
+            "kind": "lifecycle.at_risk", "mode": "live", "alerts": 120,
+            "treated": {"n": 100, "conversions": 30, "conversion_rate": 0.3, "mean_spend": 12.5},
+            "holdout": {"n": 12, "conversions": 2, "conversion_rate": 0.1667, "mean_spend": 5.0},
+            "conversion_uplift": {"difference": 0.133, "ci95": [-0.05, 0.3]},
+            "spend_uplift": {"difference": 7.5, "ci95": [1.0, 14.0]}},
+        "churn_risk.high@shadow_0.6": {
+            "kind": "churn_risk.high", "mode": "shadow", "alerts": 7,
+            "treated": {"n": 1, "conversions": 0, "conversion_rate": 0.0, "mean_spend": 0.0},
+            "holdout": empty, "conversion_uplift": None, "spend_uplift": None}}}
+
+
+def test_alert_report_for_admins(api, conn, admin) -> None:
+    def count(code: str) -> float:
+        return REGISTRY.get_sample_value(
+            "crmscore_grpc_request_seconds_count", {"method": "GetAlertReport", "code": code}
+        ) or 0.0
+
+    before_ok, before_missing = count("OK"), count("NOT_FOUND")
+    code, details = status_of(admin.alert_report)
+    assert code == grpc.StatusCode.NOT_FOUND and "no alert report" in details
+    key = api.layout.alert_report()
+    conn.hset(key, mapping={"v": 3, "doc": orjson.dumps(alert_report_doc())})
+    try:
+        r = admin.alert_report()
+    finally:
+        conn.delete(key)
+    assert r.updated_at.seconds == 1767398400
+    assert [rule.rule for rule in r.rules] == ["churn_risk.high@shadow_0.6", "lifecycle.at_risk"]
+    shadow, live = r.rules
+    assert (live.kind, live.mode, live.alerts) == ("lifecycle.at_risk", "live", 120)
+    assert (live.treated.n, live.treated.conversions, live.treated.conversion_rate,
+            live.treated.mean_spend) == (100, 30, 0.3, 12.5)
+    assert (live.holdout.n, live.holdout.conversions, live.holdout.conversion_rate,
+            live.holdout.mean_spend) == (12, 2, 0.1667, 5.0)
+    u = live.conversion_uplift
+    assert (u.difference, u.ci95_low, u.ci95_high) == (0.133, -0.05, 0.3)
+    u = live.spend_uplift
+    assert (u.difference, u.ci95_low, u.ci95_high) == (7.5, 1.0, 14.0)
+    assert (shadow.kind, shadow.mode, shadow.alerts) == ("churn_risk.high", "shadow", 7)
+    # A zero is known, a null is not: presence tells them apart.
+    assert shadow.treated.HasField("conversion_rate") and shadow.treated.conversion_rate == 0.0
+    assert shadow.treated.HasField("mean_spend") and shadow.treated.mean_spend == 0.0
+    assert shadow.HasField("holdout") and shadow.holdout.n == 0
+    assert not shadow.holdout.HasField("conversion_rate")
+    assert not shadow.holdout.HasField("mean_spend")
+    assert not shadow.HasField("conversion_uplift") and not shadow.HasField("spend_uplift")
+    code, _ = status_of(admin.alert_report)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert (count("OK"), count("NOT_FOUND")) == (before_ok + 1, before_missing + 2)
+
+
 def test_list_segments_counts_every_scored_customer(redis_url, conn) -> None:
     running = start(serving_settings(redis_url, f"seg-{uuid.uuid4().hex[:8]}:"))
     try:
@@ -306,6 +362,13 @@ def test_missing_key_is_unauthenticated(api) -> None:
     assert code == grpc.StatusCode.UNAUTHENTICATED and "missing API key" in details
 
 
+def test_admin_methods_without_key_are_unauthenticated(api) -> None:
+    with api.client(api_key=None) as client:
+        for call in (client.pipeline_status, client.model_report, client.alert_report):
+            code, details = status_of(call)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and "missing API key" in details
+
+
 def test_unknown_key_is_unauthenticated(api) -> None:
     with api.client(api_key=new_key()) as client:
         for call, arg in ((client.get_score, "c-full"), (client.batch_get_scores, ["c-full"])):
@@ -322,8 +385,8 @@ def test_malformed_authorization_is_unauthenticated(api) -> None:
     assert code == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_reader_may_not_read_status_or_model_reports(reader) -> None:
-    for call in (reader.pipeline_status, reader.model_report):
+def test_reader_may_not_read_status_or_reports(reader) -> None:
+    for call in (reader.pipeline_status, reader.model_report, reader.alert_report):
         code, details = status_of(call)
         assert code == grpc.StatusCode.PERMISSION_DENIED
         assert "'reader' may not call" in details

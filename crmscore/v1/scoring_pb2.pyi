@@ -186,6 +186,60 @@ class ModelReport(_message.Message):
     report: _struct_pb2.Struct
     def __init__(self, model_version: _Optional[str] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., report: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
+class GetAlertReportRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AlertReport(_message.Message):
+    __slots__ = ("updated_at", "rules")
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
+    updated_at: _timestamp_pb2.Timestamp
+    rules: _containers.RepeatedCompositeFieldContainer[AlertRuleReport]
+    def __init__(self, updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules: _Optional[_Iterable[_Union[AlertRuleReport, _Mapping]]] = ...) -> None: ...
+
+class AlertRuleReport(_message.Message):
+    __slots__ = ("rule", "kind", "mode", "alerts", "treated", "holdout", "conversion_uplift", "spend_uplift")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    TREATED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    SPEND_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    kind: str
+    mode: str
+    alerts: int
+    treated: AlertGroup
+    holdout: AlertGroup
+    conversion_uplift: Uplift
+    spend_uplift: Uplift
+    def __init__(self, rule: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[str] = ..., alerts: _Optional[int] = ..., treated: _Optional[_Union[AlertGroup, _Mapping]] = ..., holdout: _Optional[_Union[AlertGroup, _Mapping]] = ..., conversion_uplift: _Optional[_Union[Uplift, _Mapping]] = ..., spend_uplift: _Optional[_Union[Uplift, _Mapping]] = ...) -> None: ...
+
+class AlertGroup(_message.Message):
+    __slots__ = ("n", "conversions", "conversion_rate", "mean_spend")
+    N_FIELD_NUMBER: _ClassVar[int]
+    CONVERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SPEND_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    conversions: int
+    conversion_rate: float
+    mean_spend: float
+    def __init__(self, n: _Optional[int] = ..., conversions: _Optional[int] = ..., conversion_rate: _Optional[float] = ..., mean_spend: _Optional[float] = ...) -> None: ...
+
+class Uplift(_message.Message):
+    __slots__ = ("difference", "ci95_low", "ci95_high")
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    CI95_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI95_HIGH_FIELD_NUMBER: _ClassVar[int]
+    difference: float
+    ci95_low: float
+    ci95_high: float
+    def __init__(self, difference: _Optional[float] = ..., ci95_low: _Optional[float] = ..., ci95_high: _Optional[float] = ...) -> None: ...
+
 class ListSegmentsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 
 class ScoringStub:
-    """Customer scores, pipeline status and model reports.
+    """Customer scores, pipeline status, model reports and alert reports.
     """
 
     def __init__(self, channel):
@@ -61,6 +61,11 @@ class ScoringStub:
                 request_serializer=crmscore_dot_v1_dot_scoring__pb2.GetModelReportRequest.SerializeToString,
                 response_deserializer=crmscore_dot_v1_dot_scoring__pb2.ModelReport.FromString,
                 _registered_method=True)
+        self.GetAlertReport = channel.unary_unary(
+                '/crmscore.v1.Scoring/GetAlertReport',
+                request_serializer=crmscore_dot_v1_dot_scoring__pb2.GetAlertReportRequest.SerializeToString,
+                response_deserializer=crmscore_dot_v1_dot_scoring__pb2.AlertReport.FromString,
+                _registered_method=True)
         self.ListSegments = channel.unary_unary(
                 '/crmscore.v1.Scoring/ListSegments',
                 request_serializer=crmscore_dot_v1_dot_scoring__pb2.ListSegmentsRequest.SerializeToString,
@@ -69,7 +74,7 @@ class ScoringStub:
 
 
 class ScoringServicer:
-    """Customer scores, pipeline status and model reports.
+    """Customer scores, pipeline status, model reports and alert reports.
     """
 
     def GetScore(self, request, context):
@@ -111,6 +116,14 @@ class ScoringServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAlertReport(self, request, context):
+        """The campaign report of the alert rules: per rule, alerts raised and treated vs
+        holdout outcomes with the uplift (admin only). NOT_FOUND before the flow wrote one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSegments(self, request, context):
         """Customer counts by lifecycle stage x value tier and by RFM segment.
         """
@@ -146,6 +159,11 @@ def add_ScoringServicer_to_server(servicer, server):
                     request_deserializer=crmscore_dot_v1_dot_scoring__pb2.GetModelReportRequest.FromString,
                     response_serializer=crmscore_dot_v1_dot_scoring__pb2.ModelReport.SerializeToString,
             ),
+            'GetAlertReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlertReport,
+                    request_deserializer=crmscore_dot_v1_dot_scoring__pb2.GetAlertReportRequest.FromString,
+                    response_serializer=crmscore_dot_v1_dot_scoring__pb2.AlertReport.SerializeToString,
+            ),
             'ListSegments': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSegments,
                     request_deserializer=crmscore_dot_v1_dot_scoring__pb2.ListSegmentsRequest.FromString,
@@ -160,7 +178,7 @@ def add_ScoringServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Scoring:
-    """Customer scores, pipeline status and model reports.
+    """Customer scores, pipeline status, model reports and alert reports.
     """
 
     @staticmethod
@@ -288,6 +306,33 @@ class Scoring:
             '/crmscore.v1.Scoring/GetModelReport',
             crmscore_dot_v1_dot_scoring__pb2.GetModelReportRequest.SerializeToString,
             crmscore_dot_v1_dot_scoring__pb2.ModelReport.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlertReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crmscore.v1.Scoring/GetAlertReport',
+            crmscore_dot_v1_dot_scoring__pb2.GetAlertReportRequest.SerializeToString,
+            crmscore_dot_v1_dot_scoring__pb2.AlertReport.FromString,
             options,
             channel_credentials,
             insecure,

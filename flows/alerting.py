@@ -1,0 +1,65 @@
+"""Alerts leave the flow here: live ones to the alerts topic, all of them to the report.
+
+Customers detect alerts and follow up their outcomes (models/alerts.py,
+models/outcomes.py); this module turns them into Kafka messages and keeps the
+population's campaign report in one ``alert_report`` step, published to Redis
+(``{prefix}alerts:report``) every ``publish_seconds`` for ``crmscore report alerts``.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+import orjson
+from bytewax.operators import StatefulBatchLogic
+
+from crmscore.layout import RedisLayout
+from flows.redis_sink import VersionedDoc
+from models.alerts import LIVE, Alert
+from models.outcomes import Outcome, UpliftReport
+from models.transaction import format_time
+
+
+def is_published(alert: Alert) -> bool:
+    """Shadow rules are measured, never published."""
+    return alert.mode == LIVE
+
+
+def alert_message(alert: Alert) -> tuple[bytes, bytes]:
+    """Kafka key (customer id) and value (schemas/alert.v1.json)."""
+    return alert.customer_id.encode(), orjson.dumps(alert.to_json())
+
+
+class AlertReportLogic(StatefulBatchLogic[Alert | Outcome, VersionedDoc, bytes]):
+    """Counts alerts and their matured outcomes per rule; publishes the report."""
+
+    def __init__(self, resume: bytes | None, layout: RedisLayout,
+                 publish_seconds: float) -> None:
+        if resume is None:
+            self.report, self.version = UpliftReport(), 0
+        else:
+            self.report, self.version = pickle.loads(resume)
+        self.layout = layout
+        self.publish_seconds = publish_seconds
+        self.published_version = -1  # not snapshotted: republish on resume
+        self.published_at = -float("inf")
+
+    def on_batch(self, values: list[Alert | Outcome]) -> tuple[list[Any], bool]:
+        for item in values:
+            if isinstance(item, Alert):
+                self.report.count_alert(item.rule, item.mode)
+            else:
+                self.report.add(item)
+        self.version += len(values)
+        now = time.monotonic()
+        if self.version == self.published_version or now - self.published_at < self.publish_seconds:
+            return [], StatefulBatchLogic.RETAIN
+        self.published_version, self.published_at = self.version, now
+        doc = {"rules": self.report.report(), "updated_at": format_time(time.time_ns() // 1000)}
+        return [VersionedDoc(self.layout.alert_report(), self.version, orjson.dumps(doc))], \
+            StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> bytes:
+        return pickle.dumps((self.report, self.version), protocol=pickle.HIGHEST_PROTOCOL)

@@ -1,0 +1,501 @@
+"""Alerts: the triggers that fire when a customer changes type, in event time.
+
+The flow calls :func:`detect` after every processed instant of a customer (an applied
+transaction, or a wake-up when the stream clock passes a due instant) with the new score
+document, the lifecycle transitions of that step and the transaction applied (``cause``;
+None for a wake-up). The kinds, first the brief's customer types, then single events:
+
+=========================  ==============================================================
+kind                       fires when
+=========================  ==============================================================
+``lifecycle.active``       the stage becomes active, ``at_risk``, ``churned`` or
+``lifecycle.at_risk``      ``reactivated`` (:mod:`models.lifecycle`); one alert per
+``lifecycle.churned``      transition, at the transition's own instant
+``lifecycle.reactivated``
+``churn_risk.high``        the churn risk reaches ``threshold`` [0.7] from below, with at
+                           least ``min_purchases`` [2] purchases; then not again until it
+                           has fallen below ``threshold - rearm_margin`` [0.6]
+``value.premium_entered``  the value tier becomes premium (:mod:`models.value`)
+``value.premium_left``     the value tier stops being premium
+``purchase.large``         a purchase >= ``factor`` [3] x the customer's mean earlier
+                           purchase, >= ``min_amount`` [50], after at least
+                           ``min_prior_purchases`` [3] purchases
+``refund.spike``           a refund that brings the last 30 days' refunds to >=
+                           ``min_share`` [50 %] of the 30 days' spend (the share above
+                           which models/value.py calls a customer unprofitable), with at
+                           least ``min_refunds`` [2] refunds in those 30 days
+=========================  ==============================================================
+
+A fresh :class:`AlertMemory` is the customer before any event (tier normal, armed), so a
+customer whose very first score is premium enters premium. Every rule has a cooldown per
+customer [30 days]: an alert within it is dropped (the memory still moves on, so a risk
+crossing during a cooldown is spent). Rules and thresholds come from a versioned TOML
+file (:func:`load_rules`; the packaged default is ``crmscore/alert_rules.toml``).
+
+**Deterministic.** No randomness and no wall clock: the alert id is a hash of the rule
+version, the rule, the customer and the event-time instant, so a replay or a restart
+from a snapshot re-emits the same ids. Lifecycle alerts keep their transitions' instants
+even when an event arrived before the wake-up (the scoring catches up), so the ids do not
+depend on how wakes and events interleave. Risk and tier are read from the document, so
+call :func:`detect` for every processed instant, in order.
+
+**Holdout.** For each kind a fixed share of customers [10 %], chosen by a hash of kind
+and customer, get ``holdout=true``: consumers must not act on those, and
+:mod:`models.outcomes` compares them with the treated ones. Variants of a kind share its
+holdout customers. A ``shadow`` rule (``churn_risk.high@shadow_0.6`` beside the live
+``churn_risk.high``) is evaluated and measured but never published: champion/challenger.
+
+>>> rules = load_rules(None)
+>>> memory = AlertMemory()
+>>> doc = {"customer_id": "c-1", "as_of": "2026-01-10T00:00:00.000000Z", "currency": "EUR",
+...        "churn_risk": 0.2, "value_tier": "normal", "purchase_count": 4,
+...        "gross_monetary": 330.0, "strategy": {"name": "cross_sell", "reason": "Cross-sell."}}
+>>> cause = Cause(parse_time(doc["as_of"]), amount=300.0, is_refund=False)
+>>> [a.kind for a in detect(memory, rules, doc, [], cause)]  # 300 vs a usual 10
+['purchase.large']
+>>> high = dict(doc, as_of="2026-03-01T00:00:00.000000Z", churn_risk=0.75)
+>>> [(a.rule, a.mode) for a in detect(memory, rules, high, [], None)]
+[('churn_risk.high', 'live'), ('churn_risk.high@shadow_0.6', 'shadow')]
+>>> detect(memory, rules, dict(high, as_of="2026-05-01T00:00:00.000000Z"), [], None)
+[]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from models.lifecycle import ACTIVE, AT_RISK, CHURNED, REACTIVATED
+from models.transaction import DAY_US, MICROS, Transaction, format_time, parse_time
+from models.value import NORMAL, PREMIUM
+
+if TYPE_CHECKING:
+    from models.scoring import Transition
+
+LIFECYCLE_KINDS = {ACTIVE: "lifecycle.active", AT_RISK: "lifecycle.at_risk",
+                   CHURNED: "lifecycle.churned", REACTIVATED: "lifecycle.reactivated"}
+CHURN_RISK_HIGH = "churn_risk.high"
+PREMIUM_ENTERED = "value.premium_entered"
+PREMIUM_LEFT = "value.premium_left"
+PURCHASE_LARGE = "purchase.large"
+REFUND_SPIKE = "refund.spike"
+KINDS = (*LIFECYCLE_KINDS.values(), CHURN_RISK_HIGH, PREMIUM_ENTERED, PREMIUM_LEFT,
+         PURCHASE_LARGE, REFUND_SPIKE)
+LIVE, SHADOW, OFF = "live", "shadow", "off"
+MODES = (LIVE, SHADOW, OFF)
+REFUND_WINDOW = "30d"  # a window of the score document (models/customer.py)
+REFUND_WINDOW_US = 30 * DAY_US
+MAX_REFUNDS_KEPT = 16  # refund instants remembered per customer (bounds min_refunds)
+
+COMMON_KEYS = ("mode", "cooldown_days", "holdout_share", "outcome_days")
+KIND_KEYS: dict[str, tuple[str, ...]] = {
+    CHURN_RISK_HIGH: ("threshold", "rearm_margin", "min_purchases"),
+    PURCHASE_LARGE: ("factor", "min_prior_purchases", "min_amount"),
+    REFUND_SPIKE: ("min_share", "min_refunds"),
+}
+_VARIANT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class AlertRulesError(ValueError):
+    """An invalid rules file or rule; ``entry`` names the bad entry (``kinds.x.y.key``)."""
+
+    def __init__(self, entry: str, problem: str, source: str | None = None) -> None:
+        self.entry, self.problem, self.source = entry, problem, source
+        text = f"{entry}: {problem}"
+        super().__init__(text if source is None else f"alert rules {source}: {text}")
+
+    def within(self, prefix: str, source: str | None = None) -> AlertRulesError:
+        return AlertRulesError(prefix + self.entry, self.problem, source)
+
+
+def _require(ok: bool, entry: str, problem: str, value: object) -> None:
+    if not ok:
+        raise AlertRulesError(entry, f"{problem}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One alert rule: a kind, or a variant ``kind@name`` of it, with its settings."""
+
+    name: str
+    kind: str
+    mode: str = LIVE
+    cooldown_days: float = 30.0
+    holdout_share: float = 0.1
+    outcome_days: float = 30.0
+    threshold: float = 0.7  # churn_risk.high
+    rearm_margin: float = 0.1
+    min_purchases: int = 2
+    factor: float = 3.0  # purchase.large
+    min_prior_purchases: int = 3
+    min_amount: float = 50.0
+    min_share: float = 0.5  # refund.spike
+    min_refunds: int = 2
+    cooldown_us: int = field(init=False, repr=False, compare=False)
+    outcome_us: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        kind, at, variant = self.name.partition("@")
+        _require(self.kind in KINDS, "kind", f"must be one of {', '.join(KINDS)}", self.kind)
+        _require(kind == self.kind and (not at or _VARIANT.fullmatch(variant) is not None),
+                 "name", f"must be {self.kind} or {self.kind}@<variant> ([A-Za-z0-9_.-])",
+                 self.name)
+        _require(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}", self.mode)
+        for key in ("cooldown_days", "holdout_share", "outcome_days", "threshold",
+                    "rearm_margin", "factor", "min_amount", "min_share"):
+            value = getattr(self, key)
+            _require(math.isfinite(value), key, "must be a finite number", value)
+        _require(0 <= self.cooldown_days <= 3650, "cooldown_days", "must be in [0, 3650]",
+                 self.cooldown_days)
+        _require(0 <= self.holdout_share < 1, "holdout_share", "must be in [0, 1)",
+                 self.holdout_share)
+        _require(0 < self.outcome_days <= 365, "outcome_days", "must be in (0, 365]",
+                 self.outcome_days)
+        _require(0 < self.threshold <= 1, "threshold", "must be in (0, 1]", self.threshold)
+        _require(0 <= self.rearm_margin <= self.threshold, "rearm_margin",
+                 f"must be in [0, threshold={self.threshold}]", self.rearm_margin)
+        _require(self.min_purchases >= 1, "min_purchases", "must be >= 1", self.min_purchases)
+        _require(self.factor > 1, "factor", "must be > 1", self.factor)
+        _require(self.min_prior_purchases >= 1, "min_prior_purchases", "must be >= 1",
+                 self.min_prior_purchases)
+        _require(self.min_amount >= 0, "min_amount", "must be >= 0", self.min_amount)
+        _require(self.min_share > 0, "min_share", "must be > 0", self.min_share)
+        _require(1 <= self.min_refunds <= MAX_REFUNDS_KEPT, "min_refunds",
+                 f"must be in [1, {MAX_REFUNDS_KEPT}]", self.min_refunds)
+        object.__setattr__(self, "cooldown_us", round(self.cooldown_days * DAY_US))
+        object.__setattr__(self, "outcome_us", round(self.outcome_days * DAY_US))
+
+    @property
+    def rearm_below(self) -> float:
+        return self.threshold - self.rearm_margin
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRules:
+    """A versioned set of rules, at most one live per kind; ``off`` rules are dropped."""
+
+    version: str
+    rules: tuple[Rule, ...]
+    by_kind: Mapping[str, tuple[Rule, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _require(0 < len(self.version) <= 64, "version", "must be 1 to 64 characters",
+                 self.version)
+        live: dict[str, str] = {}
+        names: set[str] = set()
+        for rule in self.rules:
+            _require(rule.name not in names, f"kinds.{rule.name}", "is defined twice",
+                     rule.name)
+            names.add(rule.name)
+            if rule.mode == LIVE:
+                _require(rule.kind not in live, f"kinds.{rule.name}.mode",
+                         f"only one rule per kind can be live and {live.get(rule.kind)} is",
+                         rule.mode)
+                live[rule.kind] = rule.name
+        object.__setattr__(self, "by_kind", {
+            kind: tuple(r for r in self.rules if r.kind == kind and r.mode != OFF)
+            for kind in KINDS})
+
+    def rule(self, name: str) -> Rule:
+        for rule in self.rules:
+            if rule.name == name:
+                return rule
+        raise KeyError(f"no alert rule {name!r} in rules version {self.version}")
+
+
+# -- the rules file ------------------------------------------------------------------------
+
+_FIELD_TYPES = {"mode": str, "min_purchases": int, "min_prior_purchases": int,
+                "min_refunds": int}  # every other key is a number
+
+
+def _typed(key: str, value: object) -> object:
+    want = _FIELD_TYPES.get(key, float)
+    if want is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    what = {str: "a string", int: "an integer", float: "a number"}[want]
+    _require(isinstance(value, want) and not isinstance(value, bool), key, f"must be {what}",
+             value)
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    for key in table:
+        _require(key in allowed, key, f"unknown key; expected one of {', '.join(allowed)}", key)
+
+
+def _settings(table: Mapping[str, Any], allowed: Sequence[str]) -> dict[str, object]:
+    _check_keys(table, allowed)
+    return {key: _typed(key, value) for key, value in table.items()}
+
+
+def _rule_tables(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """(rule name, its table) under ``kinds``, for both ``[kinds.churn_risk.high]`` and
+    ``[kinds."churn_risk.high"]`` (TOML splits the first at its dots)."""
+    found = []
+    for key, value in table.items():
+        name = prefix + key
+        if name.partition("@")[0] in KINDS:
+            _require(isinstance(value, dict), f"kinds.{name}", "must be a table", value)
+            found.append((name, value))
+        elif "@" not in name and isinstance(value, dict) and any(
+                kind.startswith(name + ".") for kind in KINDS):
+            found.extend(_rule_tables(value, name + "."))
+        else:
+            raise AlertRulesError(f"kinds.{name}",
+                                  f"unknown kind; expected one of {', '.join(KINDS)}")
+    return found
+
+
+def parse_rules(data: Mapping[str, Any]) -> AlertRules:
+    """The rules from a parsed TOML document (see crmscore/alert_rules.toml)."""
+    _check_keys(data, ("version", "defaults", "kinds"))
+    version = data.get("version")
+    _require(isinstance(version, str), "version", "must be a string", version)
+    assert isinstance(version, str)
+    defaults = data.get("defaults", {})
+    kinds = data.get("kinds", {})
+    _require(isinstance(defaults, dict), "defaults", "must be a table", defaults)
+    _require(isinstance(kinds, dict), "kinds", "must be a table", kinds)
+    try:
+        common = _settings(defaults, COMMON_KEYS[1:])
+        Rule(KINDS[0], KINDS[0], **common)  # type: ignore[arg-type]
+    except AlertRulesError as exc:
+        raise exc.within("defaults.") from None
+    tables = dict(_rule_tables(kinds))
+    settings: dict[str, dict[str, object]] = {}
+    rules = []
+    for name in [*KINDS, *sorted(n for n in tables if "@" in n)]:
+        kind, at, _ = name.partition("@")
+        try:
+            own = _settings(tables.get(name, {}), COMMON_KEYS + KIND_KEYS.get(kind, ()))
+            start = {**settings[kind], "mode": SHADOW} if at else common
+            settings[name] = {**start, **own}
+            rules.append(Rule(name, kind, **settings[name]))  # type: ignore[arg-type]
+        except AlertRulesError as exc:
+            raise exc.within(f"kinds.{name}.") from None
+    return AlertRules(version, tuple(rules))
+
+
+def load_rules(path: str | Path | None = None) -> AlertRules:
+    """The rules in the TOML file ``path``; None: the packaged crmscore/alert_rules.toml."""
+    if path is None:
+        source = "crmscore/alert_rules.toml"
+        text = resources.files("crmscore").joinpath("alert_rules.toml").read_text("utf-8")
+    else:
+        source = str(path)
+        text = Path(path).read_text(encoding="utf-8")
+    try:
+        return parse_rules(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as exc:
+        raise AlertRulesError("<file>", f"not valid TOML: {exc}", source) from exc
+    except AlertRulesError as exc:
+        raise exc.within("", source) from None
+
+
+# -- detection -----------------------------------------------------------------------------
+
+class Cause(NamedTuple):
+    """The transaction just applied (amount in the currency's major units)."""
+
+    occurred_at_us: int
+    amount: float
+    is_refund: bool
+
+    @classmethod
+    def of(cls, tx: Transaction) -> Cause:
+        return cls(tx.occurred_at_us, tx.amount_micros / MICROS, tx.is_refund)
+
+
+class AlertMemory:
+    """What the rules remember about one customer between steps. Picklable and small."""
+
+    __slots__ = ("fired", "disarmed", "tier", "refunds")
+
+    def __init__(self) -> None:
+        self.fired: dict[str, int] = {}  # rule name -> instant of its latest alert
+        self.disarmed: frozenset[str] = frozenset()  # churn-risk rules waiting to re-arm
+        self.tier = NORMAL  # value tier at the previous step
+        self.refunds: tuple[int, ...] = ()  # recent refund instants, sorted
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
+
+
+class Alert(NamedTuple):
+    alert_id: str
+    rule: str
+    kind: str
+    mode: str
+    customer_id: str
+    occurred_at_us: int  # the event-time instant that caused it
+    as_of_us: int  # the score's instant: when the alert is known
+    holdout: bool
+    rule_version: str
+    reason: str
+    details: Mapping[str, Any]
+    score: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The alert message (schemas/alert.v1.json)."""
+        return {
+            "alert_id": self.alert_id, "customer_id": self.customer_id, "kind": self.kind,
+            "rule": self.rule, "mode": self.mode,
+            "occurred_at": format_time(self.occurred_at_us), "as_of": self.score["as_of"],
+            "holdout": self.holdout, "rule_version": self.rule_version,
+            "strategy": {"name": self.score["strategy"]["name"], "reason": self.reason},
+            "details": dict(self.details), "score": self.score,
+        }
+
+
+def alert_id(rule_version: str, rule: str, customer_id: str, at_us: int) -> str:
+    """32 hex digits; the same inputs always give the same id.
+
+    >>> alert_id("v1", "refund.spike", "c-1", 0) == alert_id("v1", "refund.spike", "c-1", 0)
+    True
+    """
+    key = json.dumps([rule_version, rule, customer_id, at_us]).encode()
+    return hashlib.blake2b(key, digest_size=16).hexdigest()
+
+
+def holdout_draw(customer_id: str, kind: str) -> float:
+    """A uniform number in [0, 1) fixed per customer and kind; holdout when below the share
+    (so raising the share keeps every customer already held out)."""
+    key = json.dumps([kind, customer_id]).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") / 2**64
+
+
+class _Hit(NamedTuple):
+    rule: Rule
+    at_us: int
+    what: str  # what happened, one short sentence
+    details: dict[str, Any]
+
+
+def _money(x: float, currency: str | None) -> str:
+    return f"{x:,.2f}" + (f" {currency}" if currency else "")
+
+
+def _lifecycle_hits(rules: AlertRules, transitions: Sequence[Transition]) -> list[_Hit]:
+    hits = []
+    for t in sorted(transitions, key=lambda t: t.at_us):
+        kind = LIFECYCLE_KINDS.get(t.new)
+        for rule in rules.by_kind.get(kind or "", ()):
+            hits.append(_Hit(rule, t.at_us, f"Stage changed from {t.old} to {t.new}.",
+                             {"from": t.old, "to": t.new}))
+    return hits
+
+
+def _churn_risk_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+                     at_us: int) -> list[_Hit]:
+    risk = doc.get("churn_risk")
+    if risk is None:
+        return []
+    hits = []
+    for rule in rules.by_kind[CHURN_RISK_HIGH]:
+        if rule.name in memory.disarmed:
+            if risk < rule.rearm_below:
+                memory.disarmed -= {rule.name}
+        elif risk >= rule.threshold and doc["purchase_count"] >= rule.min_purchases:
+            memory.disarmed |= {rule.name}
+            hits.append(_Hit(rule, at_us, f"Churn risk rose to {risk:.0%} "
+                                          f"(alert level {rule.threshold:.0%}).",
+                             {"churn_risk": risk, "threshold": rule.threshold,
+                              "rearm_below": rule.rearm_below}))
+    return hits
+
+
+def _value_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+                at_us: int) -> list[_Hit]:
+    old, new = memory.tier, doc["value_tier"]
+    memory.tier = new
+    if (old == PREMIUM) == (new == PREMIUM):
+        return []
+    kind, what = ((PREMIUM_ENTERED, "Entered the premium tier.") if new == PREMIUM
+                  else (PREMIUM_LEFT, f"Left the premium tier (now {new})."))
+    return [_Hit(rule, at_us, what, {"from": old, "to": new}) for rule in rules.by_kind[kind]]
+
+
+def _purchase_hits(rules: AlertRules, doc: Mapping[str, Any], cause: Cause) -> list[_Hit]:
+    prior = doc["purchase_count"] - 1
+    if prior < 1:
+        return []
+    usual = (doc["gross_monetary"] - cause.amount) / prior  # mean of their other purchases
+    hits = []
+    for rule in rules.by_kind[PURCHASE_LARGE]:
+        if (prior >= rule.min_prior_purchases and cause.amount >= rule.min_amount
+                and cause.amount >= rule.factor * usual):
+            currency = doc.get("currency")
+            what = (f"Large purchase: {_money(cause.amount, currency)}, "
+                    f"{cause.amount / usual:.1f}x their usual {_money(usual, currency)}."
+                    if usual > 0 else f"Large purchase: {_money(cause.amount, currency)}.")
+            hits.append(_Hit(rule, cause.occurred_at_us, what,
+                             {"amount": cause.amount, "usual_amount": usual,
+                              "factor": rule.factor}))
+    return hits
+
+
+def _refund_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+                 cause: Cause) -> list[_Hit]:
+    at = cause.occurred_at_us
+    kept = sorted((*memory.refunds, at))
+    memory.refunds = tuple(t for t in kept if t > kept[-1] - REFUND_WINDOW_US)[
+        -MAX_REFUNDS_KEPT:]
+    count = sum(1 for t in memory.refunds if at - REFUND_WINDOW_US < t <= at)
+    window = doc["windows"][REFUND_WINDOW]
+    refunds, spend = window["refunds"], window["spend"]
+    hits = []
+    for rule in rules.by_kind[REFUND_SPIKE]:
+        if count >= rule.min_refunds and refunds >= rule.min_share * spend:
+            currency = doc.get("currency")
+            hits.append(_Hit(rule, at, f"Refund spike: {count} refunds of "
+                                       f"{_money(refunds, currency)} in 30 days against "
+                                       f"{_money(spend, currency)} spent.",
+                             {"refund_count": count, "refunds": refunds, "spend": spend,
+                              "window_days": 30}))
+    return hits
+
+
+def detect(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+           transitions: Sequence[Transition] = (), cause: Cause | None = None) -> list[Alert]:
+    """The alerts of one processed instant of a customer; updates ``memory`` in place.
+
+    ``doc`` is the score document after the step, ``transitions`` the lifecycle changes the
+    step produced, ``cause`` the transaction it applied (None for a wake-up). Lifecycle
+    alerts occur at their transitions' instants, event alerts at the transaction's, and
+    risk and tier alerts at the transaction's or, on a wake-up, at the document's ``as_of``.
+    """
+    as_of_us = parse_time(doc["as_of"])
+    at_us = as_of_us if cause is None else cause.occurred_at_us
+    hits = _lifecycle_hits(rules, transitions)
+    hits += _churn_risk_hits(memory, rules, doc, at_us)
+    hits += _value_hits(memory, rules, doc, at_us)
+    if cause is not None and not cause.is_refund:
+        hits += _purchase_hits(rules, doc, cause)
+    elif cause is not None:
+        hits += _refund_hits(memory, rules, doc, cause)
+    alerts = []
+    customer_id = doc["customer_id"]
+    for rule, at, what, details in hits:
+        last = memory.fired.get(rule.name)
+        if last is not None and at - last < max(rule.cooldown_us, 1):
+            continue  # in cooldown (or a second alert at the same instant)
+        memory.fired[rule.name] = at if last is None else max(at, last)
+        alerts.append(Alert(
+            alert_id(rules.version, rule.name, customer_id, at), rule.name, rule.kind,
+            rule.mode, customer_id, at, as_of_us,
+            holdout_draw(customer_id, rule.kind) < rule.holdout_share, rules.version,
+            f"{what} {doc['strategy']['reason']}", details, doc))
+    return alerts
