@@ -1,8 +1,9 @@
 """``crmscore report alerts``: the campaign analysis of every alert rule, from Redis.
 
-Per rule (live and shadow): alerts raised, and for the matured follow-ups, treated vs
+Per rule (live and shadow): alerts raised, and for the matured follow-ups of customers'
+first alerts of the rule (the unbiased comparison, see models/outcomes.py), treated vs
 holdout conversion and mean spend within the rule's outcome window, with the uplift and
-its 95% interval (models/outcomes.py). ``--json`` prints the raw report document.
+its 95% interval. ``--json`` prints the raw report document.
 """
 
 from __future__ import annotations
@@ -38,15 +39,17 @@ def _uplift(u: dict[str, Any] | None, pct: bool) -> str:
 
 
 def format_report(rules: dict[str, dict[str, Any]]) -> str:
-    head = (f"{'rule':34s} {'mode':6s} {'alerts':>7s} {'treated':>8s} {'conv':>7s} "
-            f"{'holdout':>8s} {'conv':>7s}  conversion uplift (95% CI)      spend uplift (95% CI)")
-    rows = [head]
+    """One row per rule; the uplift columns are of customers' first alerts (unbiased)."""
+    rows = [f"{'rule':34s} {'mode':6s} {'alerts':>7s} {'treated':>8s} {'conv':>7s} "
+            f"{'holdout':>8s} {'conv':>7s}  conversion uplift (95% CI)      spend uplift (95% CI)"]
     for name, r in rules.items():
-        t, h = r["treated"], r["holdout"]
+        first = r.get("first_alerts") or r
+        t, h = first["treated"], first["holdout"]
         rows.append(
             f"{name:34s} {r['mode']:6s} {r['alerts']:7d} {t['n']:8d} {_pct(t['conversion_rate'])} "
             f"{h['n']:8d} {_pct(h['conversion_rate'])}  "
-            f"{_uplift(r['conversion_uplift'], True):31s} {_uplift(r['spend_uplift'], False)}")
+            f"{_uplift(first['conversion_uplift'], True):31s} "
+            f"{_uplift(first['spend_uplift'], False)}")
     return "\n".join(rows)
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return 0
-    print(f"alert report, updated {doc['updated_at']} (treated vs holdout within each "
-          "rule's outcome window)")
+    print(f"alert report, updated {doc['updated_at']}: per rule, customers' first alerts, "
+          "treated vs holdout, conversion and spend within the rule's outcome window")
     print(format_report(doc["rules"]))
     return 0

@@ -187,13 +187,15 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
             return emitted, StatefulBatchLogic.DISCARD
         if applied or changed:
             cid = customer.customer_id
+            doc = out.doc  # built for the alert rules at the newest instant, if any
+            if doc is None or doc["version"] != customer.version:
+                doc = customer.document(bundle, out)
             emitted.append(VersionedDoc(self.layout.score(cid), customer.version,
-                                        orjson.dumps(customer.document(bundle, out)),
-                                        self.layout.updates(cid)))
+                                        orjson.dumps(doc), self.layout.updates(cid)))
         customer.register(bundle, out)
         emitted += [Registration(*r) for r in out.registrations]
         emitted += out.labels
-        emitted += out.population
+        emitted += out.population[-1:]  # the newest row replaces the older ones anyway
         emitted += out.alerts
         emitted += out.outcomes
         return emitted, StatefulBatchLogic.RETAIN

@@ -16,6 +16,15 @@ rule, treated against holdout:
 - spend uplift, the difference of mean spend per alerted customer (zeros included), with
   Welch's 95 % interval (unequal variances, Welch-Satterthwaite degrees of freedom).
 
+**Every alert, and first alerts.** Acting on an alert changes which alerts follow: a
+treated customer who responds can go at risk again and be alerted again, a holdout one
+cannot respond, so over *all* alerts the treated group gathers extra alerts of customers
+whose natural buying is over, and the alert-level uplift underestimates the effect (the
+closed-loop simulation in ``tests/test_closed_loop.py`` measured it at about half).
+Each customer's *first* alert of a rule comes before any action on them, so treated and
+holdout compare like for like there: ``first_alerts`` is the unbiased estimate (an
+intention-to-treat comparison per customer); the all-alert figures show volume.
+
 This is the brief's campaign analysis (response, ROI) with a control group, automated. A
 *shadow* rule's alerts are not published, so nobody is treated: its treated and holdout
 groups are both untreated (an A/A check whose uplift should straddle 0); what it shows is
@@ -59,6 +68,7 @@ class FollowUp(NamedTuple):
     deadline_us: int
     purchases: int = 0
     spend_micros: int = 0
+    first: bool = False  # the customer's first alert of this rule
 
 
 class Outcome(NamedTuple):
@@ -67,6 +77,7 @@ class Outcome(NamedTuple):
     holdout: bool
     converted: bool
     spend_micros: int
+    first: bool = False  # of the customer's first alert of this rule
 
 
 class FollowUps:
@@ -87,20 +98,21 @@ class FollowUps:
         return len(self.items)
 
     def open(self, alert_id: str, rule: str, mode: str, holdout: bool, opened_at_us: int,
-             deadline_us: int) -> bool:
+             deadline_us: int, first: bool = False) -> bool:
         """Follow an alert until ``deadline_us``. False when it is followed already, or
         when :data:`MAX_OPEN` are open (the flow counts those; with cooldowns of days
         a customer has a handful open at most)."""
         if len(self.items) >= MAX_OPEN or any(f.alert_id == alert_id for f in self.items):
             return False
-        self.items.append(FollowUp(alert_id, rule, mode, holdout, opened_at_us, deadline_us))
+        self.items.append(FollowUp(alert_id, rule, mode, holdout, opened_at_us, deadline_us,
+                                   first=first))
         return True
 
-    def follow(self, alert: Alert, window_us: int) -> bool:
+    def follow(self, alert: Alert, window_us: int, first: bool = False) -> bool:
         """:meth:`open` for an alert, from its ``as_of`` for ``window_us`` (the rule's
-        ``outcome_us``)."""
+        ``outcome_us``); ``first``: the customer's first alert of this rule."""
         return self.open(alert.alert_id, alert.rule, alert.mode, alert.holdout,
-                         alert.as_of_us, alert.as_of_us + window_us)
+                         alert.as_of_us, alert.as_of_us + window_us, first)
 
     def on_purchase(self, amount_micros: int, at_us: int) -> int:
         """Credit a purchase to every follow-up whose window contains it; how many."""
@@ -121,7 +133,7 @@ class FollowUps:
         done = [f for f in self.items if f.deadline_us < watermark_us]
         if done:
             self.items = [f for f in self.items if f.deadline_us >= watermark_us]
-        return [Outcome(f.rule, f.mode, f.holdout, f.purchases > 0, f.spend_micros)
+        return [Outcome(f.rule, f.mode, f.holdout, f.purchases > 0, f.spend_micros, f.first)
                 for f in done]
 
     def next_deadline_us(self) -> int | None:
@@ -211,34 +223,55 @@ class Group:
                 "mean_spend": self.mean() if n else None}
 
 
+def compare(t: Group, h: Group) -> dict[str, Any]:
+    """Treated against holdout: both groups and the uplifts (None while undefined)."""
+    conversion = spend = None
+    if t.n and h.n:
+        lo, hi = newcombe_interval(t.conversions, t.n, h.conversions, h.n)
+        conversion = {"difference": t.conversions / t.n - h.conversions / h.n, "ci95": [lo, hi]}
+    if t.n >= 2 and h.n >= 2:
+        lo, hi = welch_interval(t.n, t.mean(), t.variance(), h.n, h.mean(), h.variance())
+        spend = {"difference": t.mean() - h.mean(), "ci95": [lo, hi]}
+    return {"treated": t.summary(), "holdout": h.summary(),
+            "conversion_uplift": conversion, "spend_uplift": spend}
+
+
 class RuleStats:
-    __slots__ = ("mode", "alerts", "treated", "holdout")
+    """One rule's alerts and outcomes: of every alert, and of customers' first alerts."""
+
+    __slots__ = ("mode", "alerts", "treated", "holdout", "first_treated", "first_holdout")
 
     def __init__(self, mode: str) -> None:
         self.mode = mode  # of the latest outcome or alert
         self.alerts = 0
         self.treated = Group()
         self.holdout = Group()
+        self.first_treated = Group()
+        self.first_holdout = Group()
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return self.mode, self.alerts, self.treated, self.holdout
+        return tuple(getattr(self, name) for name in self.__slots__)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.mode, self.alerts, self.treated, self.holdout = state
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
+
+    def add(self, outcome: Outcome) -> None:
+        group = self.holdout if outcome.holdout else self.treated
+        group.add(outcome.converted, outcome.spend_micros)
+        if outcome.first:
+            group = self.first_holdout if outcome.holdout else self.first_treated
+            group.add(outcome.converted, outcome.spend_micros)
+
+    def merge(self, other: RuleStats) -> None:
+        self.alerts += other.alerts
+        for name in ("treated", "holdout", "first_treated", "first_holdout"):
+            getattr(self, name).merge(getattr(other, name))
 
     def report(self, rule: str) -> dict[str, Any]:
-        t, h = self.treated, self.holdout
-        conversion = spend = None
-        if t.n and h.n:
-            lo, hi = newcombe_interval(t.conversions, t.n, h.conversions, h.n)
-            conversion = {"difference": t.conversions / t.n - h.conversions / h.n,
-                          "ci95": [lo, hi]}
-        if t.n >= 2 and h.n >= 2:
-            lo, hi = welch_interval(t.n, t.mean(), t.variance(), h.n, h.mean(), h.variance())
-            spend = {"difference": t.mean() - h.mean(), "ci95": [lo, hi]}
         return {"kind": rule.partition("@")[0], "mode": self.mode, "alerts": self.alerts,
-                "treated": t.summary(), "holdout": h.summary(),
-                "conversion_uplift": conversion, "spend_uplift": spend}
+                **compare(self.treated, self.holdout),
+                "first_alerts": compare(self.first_treated, self.first_holdout)}
 
 
 class UpliftReport:
@@ -270,19 +303,14 @@ class UpliftReport:
         self._stats(rule, mode).alerts += 1
 
     def add(self, outcome: Outcome) -> None:
-        stats = self._stats(outcome.rule, outcome.mode)
-        group = stats.holdout if outcome.holdout else stats.treated
-        group.add(outcome.converted, outcome.spend_micros)
+        self._stats(outcome.rule, outcome.mode).add(outcome)
 
     def merge(self, other: UpliftReport) -> UpliftReport:
         """A new report with the alerts and outcomes of both."""
         merged = UpliftReport()
         for report in (self, other):
             for rule, stats in report.rules.items():
-                into = merged._stats(rule, stats.mode)
-                into.alerts += stats.alerts
-                into.treated.merge(stats.treated)
-                into.holdout.merge(stats.holdout)
+                merged._stats(rule, stats.mode).merge(stats)
         return merged
 
     def report(self) -> dict[str, dict[str, Any]]:

@@ -165,6 +165,14 @@ def _uplift(d: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"difference": d["difference"], "ci95_low": low, "ci95_high": high}
 
 
+def _comparison(c: dict[str, Any] | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {"treated": _alert_group(c.get("treated")), "holdout": _alert_group(c.get("holdout")),
+            "conversion_uplift": _uplift(c.get("conversion_uplift")),
+            "spend_uplift": _uplift(c.get("spend_uplift"))}
+
+
 def alert_report_message(raw: bytes) -> AlertReport:
     """The alert report document (models/outcomes.py) -> AlertReport, rules by name.
 
@@ -187,7 +195,8 @@ def alert_report_message(raw: bytes) -> AlertReport:
                  "treated": _alert_group(r.get("treated")),
                  "holdout": _alert_group(r.get("holdout")),
                  "conversion_uplift": _uplift(r.get("conversion_uplift")),
-                 "spend_uplift": _uplift(r.get("spend_uplift"))}
+                 "spend_uplift": _uplift(r.get("spend_uplift")),
+                 "first_alerts": _comparison(r.get("first_alerts"))}
                 for name, r in sorted(rules.items())
             ],
         )

@@ -86,8 +86,8 @@ def test_register_asks_again_only_for_an_earlier_instant():
     customer, out = ScoredCustomer("c"), Outputs()
     customer.apply(purchase(0, 1), EMPTY_BUNDLE, out)
     customer.register(EMPTY_BUNDLE, out)
-    assert out.registrations == [("c", 7 * DAY_US)]  # the first refresh, a week on
-    customer.apply(purchase(25, 2), EMPTY_BUNDLE, out)  # still due at day 7: no new ask
+    assert out.registrations == [("c", 30 * DAY_US)]  # one typical gap, and no longer new
+    customer.apply(purchase(25, 2), EMPTY_BUNDLE, out)  # still due at day 30: no new ask
     customer.register(EMPTY_BUNDLE, out)
     assert len(out.registrations) == 1
     first = out.registrations[0][1]

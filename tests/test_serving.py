@@ -285,7 +285,13 @@ def alert_report_doc() -> dict[str, Any]:
             "treated": {"n": 100, "conversions": 30, "conversion_rate": 0.3, "mean_spend": 12.5},
             "holdout": {"n": 12, "conversions": 2, "conversion_rate": 0.1667, "mean_spend": 5.0},
             "conversion_uplift": {"difference": 0.133, "ci95": [-0.05, 0.3]},
-            "spend_uplift": {"difference": 7.5, "ci95": [1.0, 14.0]}},
+            "spend_uplift": {"difference": 7.5, "ci95": [1.0, 14.0]},
+            "first_alerts": {
+                "treated": {"n": 40, "conversions": 16, "conversion_rate": 0.4,
+                            "mean_spend": 20.0},
+                "holdout": {"n": 5, "conversions": 1, "conversion_rate": 0.2, "mean_spend": 4.0},
+                "conversion_uplift": {"difference": 0.2, "ci95": [-0.1, 0.45]},
+                "spend_uplift": None}},
         "churn_risk.high@shadow_0.6": {
             "kind": "churn_risk.high", "mode": "shadow", "alerts": 7,
             "treated": {"n": 1, "conversions": 0, "conversion_rate": 0.0, "mean_spend": 0.0},
@@ -319,6 +325,10 @@ def test_alert_report_for_admins(api, conn, admin) -> None:
     assert (u.difference, u.ci95_low, u.ci95_high) == (0.133, -0.05, 0.3)
     u = live.spend_uplift
     assert (u.difference, u.ci95_low, u.ci95_high) == (7.5, 1.0, 14.0)
+    first = live.first_alerts
+    assert (first.treated.n, first.holdout.conversions) == (40, 1)
+    assert first.conversion_uplift.ci95_high == 0.45 and not first.HasField("spend_uplift")
+    assert not shadow.HasField("first_alerts")
     assert (shadow.kind, shadow.mode, shadow.alerts) == ("churn_risk.high", "shadow", 7)
     # A zero is known, a null is not: presence tells them apart.
     assert shadow.treated.HasField("conversion_rate") and shadow.treated.conversion_rate == 0.0

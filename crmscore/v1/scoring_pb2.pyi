@@ -199,7 +199,7 @@ class AlertReport(_message.Message):
     def __init__(self, updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rules: _Optional[_Iterable[_Union[AlertRuleReport, _Mapping]]] = ...) -> None: ...
 
 class AlertRuleReport(_message.Message):
-    __slots__ = ("rule", "kind", "mode", "alerts", "treated", "holdout", "conversion_uplift", "spend_uplift")
+    __slots__ = ("rule", "kind", "mode", "alerts", "treated", "holdout", "conversion_uplift", "spend_uplift", "first_alerts")
     RULE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,7 @@ class AlertRuleReport(_message.Message):
     HOLDOUT_FIELD_NUMBER: _ClassVar[int]
     CONVERSION_UPLIFT_FIELD_NUMBER: _ClassVar[int]
     SPEND_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_ALERTS_FIELD_NUMBER: _ClassVar[int]
     rule: str
     kind: str
     mode: str
@@ -216,7 +217,20 @@ class AlertRuleReport(_message.Message):
     holdout: AlertGroup
     conversion_uplift: Uplift
     spend_uplift: Uplift
-    def __init__(self, rule: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[str] = ..., alerts: _Optional[int] = ..., treated: _Optional[_Union[AlertGroup, _Mapping]] = ..., holdout: _Optional[_Union[AlertGroup, _Mapping]] = ..., conversion_uplift: _Optional[_Union[Uplift, _Mapping]] = ..., spend_uplift: _Optional[_Union[Uplift, _Mapping]] = ...) -> None: ...
+    first_alerts: AlertComparison
+    def __init__(self, rule: _Optional[str] = ..., kind: _Optional[str] = ..., mode: _Optional[str] = ..., alerts: _Optional[int] = ..., treated: _Optional[_Union[AlertGroup, _Mapping]] = ..., holdout: _Optional[_Union[AlertGroup, _Mapping]] = ..., conversion_uplift: _Optional[_Union[Uplift, _Mapping]] = ..., spend_uplift: _Optional[_Union[Uplift, _Mapping]] = ..., first_alerts: _Optional[_Union[AlertComparison, _Mapping]] = ...) -> None: ...
+
+class AlertComparison(_message.Message):
+    __slots__ = ("treated", "holdout", "conversion_uplift", "spend_uplift")
+    TREATED_FIELD_NUMBER: _ClassVar[int]
+    HOLDOUT_FIELD_NUMBER: _ClassVar[int]
+    CONVERSION_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    SPEND_UPLIFT_FIELD_NUMBER: _ClassVar[int]
+    treated: AlertGroup
+    holdout: AlertGroup
+    conversion_uplift: Uplift
+    spend_uplift: Uplift
+    def __init__(self, treated: _Optional[_Union[AlertGroup, _Mapping]] = ..., holdout: _Optional[_Union[AlertGroup, _Mapping]] = ..., conversion_uplift: _Optional[_Union[Uplift, _Mapping]] = ..., spend_uplift: _Optional[_Union[Uplift, _Mapping]] = ...) -> None: ...
 
 class AlertGroup(_message.Message):
     __slots__ = ("n", "conversions", "conversion_rate", "mean_spend")
