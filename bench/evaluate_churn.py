@@ -64,11 +64,13 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def generate(work: Path, customers: int, seed: int) -> tuple[list[bytes], dict[str, dict]]:
+def generate(work: Path, customers: int, seed: int, rhythm: float
+             ) -> tuple[list[bytes], dict[str, dict]]:
     out = work / "events.jsonl"
     subprocess.run([sys.executable, "-m", "crmscore.cli", "generate", "--customers",
                     str(customers), "--days", "730", "--start", "2024-01-01T00:00:00Z",
-                    "--seed", str(seed), "--malformed-rate", "0", "--out", str(out)],
+                    "--seed", str(seed), "--malformed-rate", "0", "--rhythm", str(rhythm),
+                    "--out", str(out)],
                    check=True, stdout=subprocess.DEVNULL)
     rows = map(orjson.loads, (work / "events.truth.jsonl").read_bytes().splitlines())
     return out.read_bytes().splitlines(), {t["customer_id"]: t for t in rows if "stop_at" in t}
@@ -151,6 +153,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=5000)
     parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--rhythm", type=float, default=1.0,
+                        help="gamma shape of purchase gaps (1: Poisson, the Pareto/NBD "
+                        "family BG/NBD assumes; 4: regular habits)")
     parser.add_argument("--cut-day", type=float, default=600.0,
                         help="calibration period: the first this many days of the 730")
     args = parser.parse_args()
@@ -158,7 +163,7 @@ def main() -> int:
             embedded.running(embedded.start_broker()) as broker, \
             embedded.running(embedded.start_redis()) as redis_server:
         work = Path(tmp)
-        lines, truth = generate(work, args.customers, args.seed)
+        lines, truth = generate(work, args.customers, args.seed, args.rhythm)
         cut = epoch("2024-01-01T00:00:00+00:00") + args.cut_day * DAY_S
         times = [epoch(orjson.loads(line)["occurred_at"]) for line in lines]
         calibration = [line for line, t in zip(lines, times, strict=True) if t <= cut]

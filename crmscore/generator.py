@@ -76,6 +76,10 @@ class GeneratorConfig:
     max_delay_hours: float = 72.0
     malformed_rate: float = 0.02
     lateness_days: float = 7.0  # the flow's lateness window: delays must stay inside it
+    # Shape of the gamma-distributed gaps between a customer's purchases: 1 is the Poisson
+    # process of Pareto/NBD (the default); larger is more regular (coefficient of
+    # variation 1/sqrt(rhythm)), like shoppers with a habit.
+    rhythm: float = 1.0
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the first unusable value."""
@@ -87,6 +91,8 @@ class GeneratorConfig:
             raise ValueError(f"days: expected a positive span, got {self.days}")
         if self.start.tzinfo is None:
             raise ValueError(f"start: expected a time with an offset or Z, got {self.start}")
+        if not self.rhythm >= 1.0:
+            raise ValueError(f"rhythm: expected a gamma shape >= 1, got {self.rhythm}")
         for name in ("duplicate_rate", "refund_rate", "disorder_rate", "malformed_rate"):
             value = getattr(self, name)
             if not 0 <= value < 1:
@@ -302,11 +308,14 @@ def draw_events(rng: np.random.Generator, config: GeneratorConfig, c: Customers)
     """Purchases (the first at acquisition, then Poisson until stop_at) and their refunds."""
     end = _end_us(config)
     active_us = np.where(c.stop_us >= 0, c.stop_us, end) - c.acquired_us
-    counts = 1 + rng.poisson(c.rate * active_us / DAY_US)
-    cust = np.repeat(np.arange(config.customers), counts)
-    offset = rng.random(len(cust))
-    offset[np.cumsum(counts) - counts] = 0.0  # each customer's first purchase
-    t = c.acquired_us[cust] + (offset * active_us[cust]).astype(np.int64)
+    if config.rhythm == 1.0:
+        counts = 1 + rng.poisson(c.rate * active_us / DAY_US)
+        cust = np.repeat(np.arange(config.customers), counts)
+        offset = rng.random(len(cust))
+        offset[np.cumsum(counts) - counts] = 0.0  # each customer's first purchase
+        t = c.acquired_us[cust] + (offset * active_us[cust]).astype(np.int64)
+    else:
+        cust, t = _renewal_purchases(rng, config.rhythm, c, active_us)
     amount = c.spend[cust] * rng.lognormal(-(AMOUNT_SIGMA**2) / 2, AMOUNT_SIGMA, len(cust))
     cents = np.maximum(1, np.round(amount * 100)).astype(np.int64)
     channel = rng.choice(len(CHANNELS), len(cust), p=CHANNEL_WEIGHTS).astype(np.int8)
@@ -333,6 +342,27 @@ def draw_events(rng: np.random.Generator, config: GeneratorConfig, c: Customers)
         channel=np.concatenate([channel, channel[refunded]])[order],
         salt=rng.integers(0, 2**63, len(all_t), dtype=np.int64),
     )
+
+
+def _renewal_purchases(rng: np.random.Generator, shape: float, c: Customers,
+                       active_us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Purchases at acquisition, then after gamma(shape) gaps of mean 1 / rate, until stop;
+    grouped by customer, in time order."""
+    n = len(active_us)
+    expected = c.rate * active_us / DAY_US
+    draws = (expected + 4 * np.sqrt(expected) + 4).astype(np.int64)  # enough gaps, w.h.p.
+    owner = np.repeat(np.arange(n), draws)
+    gap_us = rng.gamma(shape, 1.0 / (shape * c.rate[owner])) * DAY_US
+    csum = np.cumsum(gap_us)
+    starts = np.cumsum(draws) - draws
+    before = np.repeat(np.where(starts > 0, csum[starts - 1], 0.0), draws)
+    since_first = csum - before  # time from the customer's first purchase
+    keep = since_first < active_us[owner]
+    cust = np.concatenate([np.arange(n), owner[keep]])
+    t = np.concatenate([c.acquired_us, c.acquired_us[owner[keep]] +
+                        since_first[keep].astype(np.int64)])
+    order = np.lexsort((t, cust))
+    return cust[order], t[order]
 
 
 def plan_lines(rng: np.random.Generator, config: GeneratorConfig, ev: Events) -> Plan:
@@ -564,6 +594,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
             help=f"{help_text} (default {default:g})",
         )
     parser.add_argument(
+        "--rhythm",
+        type=float,
+        default=d.rhythm,
+        metavar="K",
+        help="gamma shape of the gaps between a customer's purchases: 1 = Poisson "
+        f"(Pareto/NBD), larger = more regular habits (default {d.rhythm:g})",
+    )
+    parser.add_argument(
         "--max-delay-hours",
         type=float,
         default=d.max_delay_hours,
@@ -585,6 +623,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         max_delay_hours=args.max_delay_hours,
         malformed_rate=args.malformed_rate,
         lateness_days=settings.lateness_days,
+        rhythm=args.rhythm,
     )
     truth = args.truth or args.out.with_suffix(".truth.jsonl")
     began = time.perf_counter()

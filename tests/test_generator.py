@@ -239,3 +239,30 @@ def test_bad_config_is_refused_with_the_value() -> None:
         generate(GeneratorConfig(max_delay_hours=200))
     with pytest.raises(ValueError, match="malformed_rate.*got 1.5"):
         generate(GeneratorConfig(malformed_rate=1.5))
+
+
+def test_rhythm_makes_gaps_regular_at_the_same_rate() -> None:
+    """--rhythm K: gamma(K) gaps, coefficient of variation ~ 1/sqrt(K), same mean rate."""
+    def gaps(rhythm: float) -> tuple[float, float]:
+        gen = generate(GeneratorConfig(customers=400, days=730, seed=11, rhythm=rhythm,
+                                       malformed_rate=0.0, duplicate_rate=0.0))
+        truth = {t["customer_id"]: t for t in gen.truth() if "customer_id" in t}
+        times: dict[str, list[float]] = defaultdict(list)
+        for line in gen.lines():
+            e = json.loads(line)
+            if e["type"] == "purchase":
+                times[e["customer_id"]].append(datetime.fromisoformat(e["occurred_at"])
+                                               .timestamp() / 86_400)
+        cvs, ratios = [], []
+        for cid, ts in times.items():
+            g = [b - a for a, b in zip(sorted(ts), sorted(ts)[1:], strict=False)]
+            if len(g) >= 8:
+                mean = sum(g) / len(g)
+                cvs.append(math.sqrt(sum((x - mean) ** 2 for x in g) / len(g)) / mean)
+                ratios.append(mean * truth[cid]["purchase_rate_per_day"])
+        return sorted(cvs)[len(cvs) // 2], sorted(ratios)[len(ratios) // 2]
+
+    poisson_cv, poisson_ratio = gaps(1.0)
+    regular_cv, regular_ratio = gaps(4.0)
+    assert 0.8 < poisson_cv < 1.2 and 0.35 < regular_cv < 0.6
+    assert 0.8 < poisson_ratio < 1.25 and 0.8 < regular_ratio < 1.25  # mean gap = 1 / rate
