@@ -17,7 +17,8 @@ from bytewax.operators import StatefulBatchLogic
 
 from crmscore.layout import RedisLayout
 from flows.redis_sink import VersionedDoc
-from models.alerts import LIVE, Alert
+from models.alert_rules import LIVE
+from models.alerts import Alert
 from models.outcomes import Outcome, UpliftReport
 from models.transaction import format_time
 

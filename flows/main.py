@@ -22,7 +22,7 @@ from bytewax.run import cli_main
 from crmscore.clients import ensure_topics
 from crmscore.settings import Settings
 from flows.scoring import build_flow
-from models.alerts import AlertRulesError
+from models.alert_rules import AlertRulesError
 
 log = logging.getLogger(__name__)
 

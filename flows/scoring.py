@@ -54,7 +54,8 @@ from flows.timers import (
     encode_wake,
     ticks,
 )
-from models.alerts import Alert, AlertRules, load_rules
+from models.alert_rules import AlertRules, load_rules
+from models.alerts import Alert
 from models.churn import LabeledExample
 from models.customer import APPLIED, DUPLICATE
 from models.outcomes import Outcome

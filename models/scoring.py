@@ -45,7 +45,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from models.alerts import Alert, AlertMemory, AlertRules, Cause, detect
+from models.alert_rules import AlertRules
+from models.alerts import Alert, AlertMemory, Cause, detect
 from models.btyd import PopulationModel
 from models.churn import (
     ChurnModel,

@@ -14,24 +14,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import schemas
-from models.alerts import (
+from models.alert_rules import (
     CHURN_RISK_HIGH,
     KINDS,
     LIVE,
     PURCHASE_LARGE,
     REFUND_SPIKE,
     SHADOW,
-    Alert,
-    AlertMemory,
     AlertRules,
     AlertRulesError,
-    Cause,
-    alert_id,
-    detect,
-    holdout_draw,
     load_rules,
     parse_rules,
 )
+from models.alerts import Alert, AlertMemory, Cause, alert_id, detect, holdout_draw
 from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer, Transition
 from models.transaction import DAY_US, MICROS, Transaction, format_time
 

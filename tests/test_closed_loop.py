@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from models.alerts import LIVE, Alert, load_rules
+from models.alert_rules import LIVE, load_rules
+from models.alerts import Alert
 from models.customer import APPLIED
 from models.outcomes import UpliftReport, newcombe_interval
 from models.scoring import EMPTY_BUNDLE, ModelBundle, Outputs, ScoredCustomer, ScoringConfig

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from models.alerts import AlertMemory, detect, holdout_draw, load_rules
+from models.alert_rules import load_rules
+from models.alerts import AlertMemory, detect, holdout_draw
 from models.outcomes import (
     MAX_OPEN,
     FollowUps,

@@ -145,7 +145,7 @@ def check_alerts(env: FlowEnv, conn: redis.Redis, docs: dict[str, dict[str, Any]
     """Alerts on the real topic fire in event time, validate, and are measured."""
     import jsonschema_rs
 
-    from models.alerts import KINDS
+    from models.alert_rules import KINDS
     from tests.pipeline import read_topic
 
     schema = orjson.loads(Path("schemas/alert.v1.json").read_bytes())
