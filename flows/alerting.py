@@ -16,7 +16,7 @@ import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from crmscore.layout import RedisLayout
-from flows.redis_sink import VersionedDoc
+from flows.redis_sink import PublishThrottle, VersionedDoc
 from models.alert_rules import LIVE
 from models.alerts import Alert
 from models.outcomes import Outcome, UpliftReport
@@ -43,9 +43,7 @@ class AlertReportLogic(StatefulBatchLogic[Alert | Outcome, VersionedDoc, bytes])
         else:
             self.report, self.version = pickle.loads(resume)
         self.layout = layout
-        self.publish_seconds = publish_seconds
-        self.published_version = -1  # not snapshotted: republish on resume
-        self.published_at = -float("inf")
+        self.throttle = PublishThrottle(publish_seconds)
 
     def on_batch(self, values: list[Alert | Outcome]) -> tuple[list[Any], bool]:
         for item in values:
@@ -54,10 +52,8 @@ class AlertReportLogic(StatefulBatchLogic[Alert | Outcome, VersionedDoc, bytes])
             else:
                 self.report.add(item)
         self.version += len(values)
-        now = time.monotonic()
-        if self.version == self.published_version or now - self.published_at < self.publish_seconds:
+        if not self.throttle.due(self.version):
             return [], StatefulBatchLogic.RETAIN
-        self.published_version, self.published_at = self.version, now
         doc = {"rules": self.report.report(), "updated_at": format_time(time.time_ns() // 1000)}
         return [VersionedDoc(self.layout.alert_report(), self.version, orjson.dumps(doc))], \
             StatefulBatchLogic.RETAIN

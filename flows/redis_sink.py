@@ -95,3 +95,20 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
 
     def close(self) -> None:
         self._client.close()
+
+
+class PublishThrottle:
+    """When a single-key step should publish its report: when its version changed, at
+    most every ``seconds`` of wall clock. Not snapshotted: a resumed step republishes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.version: int | None = None
+        self.at = -float("inf")
+
+    def due(self, version: int) -> bool:
+        now = time.monotonic()
+        if version == self.version or now - self.at < self.seconds:
+            return False
+        self.version, self.at = version, now
+        return True

@@ -44,7 +44,7 @@ from flows.alerting import AlertReportLogic, alert_message, is_published
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
-from flows.redis_sink import RedisDocSink, VersionedDoc
+from flows.redis_sink import PublishThrottle, RedisDocSink, VersionedDoc
 from flows.timers import (
     Registration,
     TimerBucketLogic,
@@ -254,9 +254,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
         self.population: Population = (Population(config, refit_days=refit_days)
                                        if resume is None else pickle.loads(resume))
         self.layout = layout
-        self.publish_seconds = publish_seconds
-        self.published_version: int | None = None  # not snapshotted: republish on resume
-        self.published_at = -float("inf")
+        self.throttle = PublishThrottle(publish_seconds)
 
     def on_batch(self, values: list[LabeledExample | PopulationRow]) -> tuple[list[Any], bool]:
         population = self.population
@@ -266,11 +264,8 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
             else:
                 population.learn(item)
         population.maybe_refit()
-        now = time.monotonic()
-        if (population.version == self.published_version
-                or now - self.published_at < self.publish_seconds):
+        if not self.throttle.due(population.version):
             return [], StatefulBatchLogic.RETAIN
-        self.published_version, self.published_at = population.version, now
         report = population.report(format_time(time.time_ns() // 1000))
         return [bundle_doc(self.layout, population.bundle()),
                 VersionedDoc(self.layout.model_report(), population.version,

@@ -7,15 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from crmscore.layout import RedisLayout
+
+if TYPE_CHECKING:
+    from serving.client import ScoringClient
 
 
 @dataclass
@@ -90,7 +95,7 @@ def wait_for_consumed(conn: redis.Redis, layout: RedisLayout, at_least: int,
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = status(conn, layout)
-        fresh = since is None or (st is not None and _epoch(st["updated_at"]) >= since)
+        fresh = since is None or (st is not None and epoch(st["updated_at"]) >= since)
         if st is not None and st["events_consumed"] >= at_least and fresh:
             return st
         if proc is not None and proc.poll() is not None:
@@ -100,7 +105,8 @@ def wait_for_consumed(conn: redis.Redis, layout: RedisLayout, at_least: int,
     raise AssertionError(f"flow did not consume {at_least} events in {timeout} s: {st}")
 
 
-def _epoch(text: str) -> float:
+def epoch(text: str) -> float:
+    """Seconds since the epoch of an RFC 3339 time."""
     from datetime import datetime
 
     return datetime.fromisoformat(text).timestamp()
@@ -145,3 +151,28 @@ def read_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 30
     consumer.close()
     assert len(done) == partitions, f"did not reach the end of {topic} in {timeout} s"
     return out
+
+
+@contextmanager
+def admin_client(env: FlowEnv) -> Iterator[ScoringClient]:
+    """A real gRPC server on a free port over the flow's Redis, and an admin client of it
+    (TCP, a fresh API key)."""
+    import hashlib
+    import secrets
+
+    from crmscore.settings import Settings
+    from serving.client import ScoringClient
+    from serving.server import create_server
+
+    key = secrets.token_urlsafe(24)
+    settings = Settings.from_env(env.env(
+        CRMSCORE_API_KEYS=f"admin:{hashlib.sha256(key.encode()).hexdigest()}",
+        CRMSCORE_METRICS_PORT="0",
+    ))
+    server, port = create_server(settings, "127.0.0.1:0")
+    server.start()
+    try:
+        with ScoringClient(f"127.0.0.1:{port}", key) as client:
+            yield client
+    finally:
+        server.stop(0)

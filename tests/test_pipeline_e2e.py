@@ -23,6 +23,7 @@ import redis
 from crmscore.settings import Settings
 from tests.pipeline import (
     FlowEnv,
+    admin_client,
     kill,
     read_topic,
     score_documents,
@@ -114,40 +115,24 @@ def test_flow_matches_recomputation(broker, redis_url, unique, tmp_path, dataset
 
 def check_grpc_serves_the_same(env: FlowEnv, expected: Expected) -> None:
     """GetScore over real gRPC (TCP, API key) returns what the recomputation says."""
-    import hashlib
-    import secrets
-
     import grpc
 
-    from serving.client import ScoringClient
-    from serving.server import create_server
-
-    key = secrets.token_urlsafe(24)
-    settings = Settings.from_env(env.env(
-        CRMSCORE_API_KEYS=f"admin:{hashlib.sha256(key.encode()).hexdigest()}",
-        CRMSCORE_METRICS_PORT="0",
-    ))
-    server, port = create_server(settings, "127.0.0.1:0")
-    server.start()
-    try:
-        with ScoringClient(f"127.0.0.1:{port}", key) as client:
-            for customer_id, want in expected.customers.items():
-                score = client.get_score(customer_id)
-                assert score.customer_id == customer_id
-                assert score.rfm.frequency == want["purchase_count"]
-                assert abs(score.rfm.monetary - want["net_monetary"]) < 1e-6
-                assert score.as_of.ToMicroseconds() / 1e6 >= want["as_of"] - 1e-6
-            st = client.pipeline_status()
-            assert (st.events_applied, st.events_rejected, st.events_duplicate) == (
-                expected.applied, expected.rejected, expected.duplicate)
-            for bad, code in (("nobody-" + env.token, grpc.StatusCode.NOT_FOUND),
-                              ("", grpc.StatusCode.INVALID_ARGUMENT),
-                              ("x" * 129, grpc.StatusCode.INVALID_ARGUMENT)):
-                with pytest.raises(grpc.RpcError) as err:
-                    client.get_score(bad)
-                assert err.value.code() == code
-    finally:
-        server.stop(0)
+    with admin_client(env) as client:
+        for customer_id, want in expected.customers.items():
+            score = client.get_score(customer_id)
+            assert score.customer_id == customer_id
+            assert score.rfm.frequency == want["purchase_count"]
+            assert abs(score.rfm.monetary - want["net_monetary"]) < 1e-6
+            assert score.as_of.ToMicroseconds() / 1e6 >= want["as_of"] - 1e-6
+        st = client.pipeline_status()
+        assert (st.events_applied, st.events_rejected, st.events_duplicate) == (
+            expected.applied, expected.rejected, expected.duplicate)
+        for bad, code in (("nobody-" + env.token, grpc.StatusCode.NOT_FOUND),
+                          ("", grpc.StatusCode.INVALID_ARGUMENT),
+                          ("x" * 129, grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as err:
+                client.get_score(bad)
+            assert err.value.code() == code
 
 
 def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, dataset):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +24,17 @@ import redis
 from crmscore.settings import Settings
 from models.lifecycle import STAGES
 from models.value import TIERS
-from tests.pipeline import FlowEnv, kill, score_documents, wait_for_consumed
+from tests.pipeline import (
+    FlowEnv,
+    admin_client,
+    epoch,
+    kill,
+    score_documents,
+    wait_for_consumed,
+)
 
 pytestmark = [pytest.mark.e2e]
 DAY_S = 86_400.0
-
-
-def epoch(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
 
 
 def auc(scores: list[float], labels: list[int]) -> float:
@@ -201,28 +203,12 @@ def check_alerts(env: FlowEnv, conn: redis.Redis, docs: dict[str, dict[str, Any]
 
 def check_grpc(env: FlowEnv, doc: dict[str, Any], report: dict[str, Any]) -> None:
     """GetScore and GetModelReport over real gRPC serve what the flow wrote."""
-    import hashlib
-    import secrets
-
-    from serving.client import ScoringClient
-    from serving.server import create_server
-
-    key = secrets.token_urlsafe(24)
-    settings = Settings.from_env(env.env(
-        CRMSCORE_API_KEYS=f"admin:{hashlib.sha256(key.encode()).hexdigest()}",
-        CRMSCORE_METRICS_PORT="0",
-    ))
-    server, port = create_server(settings, "127.0.0.1:0")
-    server.start()
-    try:
-        with ScoringClient(f"127.0.0.1:{port}", key) as client:
-            score = client.get_score(doc["customer_id"])
-            assert score.lifecycle_stage == "churned"
-            assert score.churn_risk == pytest.approx(doc["churn_risk"])
-            assert score.strategy.name == doc["strategy"]["name"] == "win_back"
-            assert score.as_of.ToMicroseconds() / 1e6 == pytest.approx(epoch(doc["as_of"]))
-            served = client.model_report()
-            assert served.model_version == report["model_version"]
-            assert served.metrics["churn_labels"] >= report["metrics"]["churn_labels"]
-    finally:
-        server.stop(0)
+    with admin_client(env) as client:
+        score = client.get_score(doc["customer_id"])
+        assert score.lifecycle_stage == "churned"
+        assert score.churn_risk == pytest.approx(doc["churn_risk"])
+        assert score.strategy.name == doc["strategy"]["name"] == "win_back"
+        assert score.as_of.ToMicroseconds() / 1e6 == pytest.approx(epoch(doc["as_of"]))
+        served = client.model_report()
+        assert served.model_version == report["model_version"]
+        assert served.metrics["churn_labels"] >= report["metrics"]["churn_labels"]
