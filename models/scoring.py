@@ -212,10 +212,14 @@ class ScoredCustomer:
 
     def apply(self, tx: Transaction, bundle: ModelBundle, out: Outputs,
               rules: AlertRules | None = None) -> str | Rejection:
-        """Apply one event: catch up the due instants before it, then update the scores
-        (and, with alert ``rules``, detect alerts and follow up the open ones)."""
+        """Apply one event: catch up the due instants up to its time, then update the
+        scores (and, with alert ``rules``, detect alerts and follow up the open ones).
+
+        An instant due exactly at the event's time is processed first, as a wake-up
+        delivered before the event would have been: the flow may deliver either first.
+        """
         t = tx.occurred_at_us
-        self._advance(t - 1, bundle, out, rules)
+        self._advance(t, bundle, out, rules)
         outcome = self.state.apply(tx, bundle.config.lateness_us)
         if outcome is not APPLIED:
             return outcome

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flows.scoring import ClockLogic, Counts
@@ -41,6 +41,7 @@ def run(events: list[Transaction], end_us: int, wakes_on_time: bool) -> tuple[ob
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.floats(0, 700), min_size=1, max_size=25))
+@example([0.0, 0.0, 0.0, 30.0])  # a wake-up due exactly at an event's time
 def test_wakes_and_catch_up_give_the_same_history(days):
     """Replaying at full speed (wake-ups arrive late) = running live (they arrive on time)."""
     events = [purchase(d, i) for i, d in enumerate(sorted(days))]
