@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("crmscore.generator", "write a synthetic transaction stream with ground truth"),
     "replay": ("crmscore.replay", "publish a JSONL/CSV file to the transactions topic"),
     "topics": ("crmscore.topics", "create the service's Kafka topics"),
+    "models": ("crmscore.registry", "show the served model bundle and the candidate, or "
+               "promote the candidate (frozen model updates)"),
     "report": ("crmscore.report", "print the alert report: treated vs holdout uplift per rule"),
     "bench": ("crmscore.bench", "measure flow throughput beside a trivial bytewax flow"),
 }

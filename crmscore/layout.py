@@ -38,6 +38,10 @@ class RedisLayout:
         """HASH {v: version, doc: pickled models.scoring.ModelBundle} the flow scores with."""
         return f"{self.prefix}models:bundle"
 
+    def model_candidate(self) -> str:
+        """HASH {v, doc: pickled ModelBundle} learned while model updates are frozen."""
+        return f"{self.prefix}models:candidate"
+
     def alert_report(self) -> str:
         """HASH {v: version, doc: JSON alert report: per rule, treated vs holdout}."""
         return f"{self.prefix}alerts:report"

@@ -79,6 +79,12 @@ class Settings:
     model_publish_seconds: float = _setting(
         2.0, "seconds between the models step's publications of models and report to Redis"
     )
+    model_updates: str = _setting(
+        "live", "'live': customers score with the newest learned models; 'frozen': with "
+        "the models in Redis at start (deterministic: restarts and replays give the same "
+        "scores and alert ids; the models step publishes a candidate, see "
+        "`crmscore models promote`)"
+    )
     alert_rules: str = _setting(
         "", "alert rules file (TOML); empty: the packaged crmscore/alert_rules.toml"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -52,11 +53,19 @@ class AlertReportLogic(StatefulBatchLogic[Alert | Outcome, VersionedDoc, bytes])
             else:
                 self.report.add(item)
         self.version += len(values)
+        return self._publish(), StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        return self._publish(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self.throttle.retry_at()
+
+    def _publish(self) -> list[VersionedDoc]:
         if not self.throttle.due(self.version):
-            return [], StatefulBatchLogic.RETAIN
+            return []
         doc = {"rules": self.report.report(), "updated_at": format_time(time.time_ns() // 1000)}
-        return [VersionedDoc(self.layout.alert_report(), self.version, orjson.dumps(doc))], \
-            StatefulBatchLogic.RETAIN
+        return [VersionedDoc(self.layout.alert_report(), self.version, orjson.dumps(doc))]
 
     def snapshot(self) -> bytes:
         return pickle.dumps((self.report, self.version), protocol=pickle.HIGHEST_PROTOCOL)

@@ -21,6 +21,7 @@ from bytewax.run import cli_main
 
 from crmscore.clients import ensure_topics
 from crmscore.settings import Settings
+from flows.model_registry import ModelRegistryError
 from flows.scoring import build_flow
 from models.alert_rules import AlertRulesError
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, _exit_on_signal)
     try:
         flow = build_flow(settings, tail=not args.until_end)
-    except AlertRulesError as exc:
+    except (AlertRulesError, ModelRegistryError) as exc:
         log.error("%s", exc)
         return 2
     ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,

@@ -11,6 +11,18 @@ the same never-backwards compare-and-set as every document) to
 Consequences, by design: a score names the bundle behind it (``model_version``); a
 bundle reaches customers a refresh later than it was learned; after a restart, customers
 score with the last published bundle until the recovered models step publishes again.
+So with live updates, a decision that reads the models (churn risk, value tier, a
+risk-driven stage, the alerts on them) depends on which bundle had arrived when the
+customer was scored: a crash or a replay at another speed can decide differently.
+
+``CRMSCORE_MODEL_UPDATES=frozen`` removes that: every process scores with the bundle
+found in Redis when it starts (the cold-start priors if none), and the models step keeps
+learning but publishes its bundle as ``{prefix}models:candidate``. Scores and alerts are
+then a function of the events alone: a crash, a restart or a replay gives the same ids.
+Campaign periods want this too (the uplift of an alert is measured under one model).
+``crmscore models promote`` makes the candidate the served bundle; frozen processes
+take it at their next start.
+
 Redis must be trusted (bundles are pickles): the same trust the score store needs.
 """
 
@@ -32,22 +44,62 @@ from models.scoring import ModelBundle
 log = logging.getLogger(__name__)
 
 
-def bundle_doc(layout: RedisLayout, bundle: ModelBundle) -> VersionedDoc:
-    return VersionedDoc(layout.model_bundle(), bundle.version,
+LIVE, FROZEN = "live", "frozen"
+UPDATES = (LIVE, FROZEN)
+
+
+class ModelRegistryError(RuntimeError):
+    """The model updates setting is wrong, or a frozen start cannot read its bundle."""
+
+
+def updates_mode(value: str) -> str:
+    """CRMSCORE_MODEL_UPDATES: 'live' (default) or 'frozen'."""
+    lowered = value.strip().lower()
+    if lowered not in UPDATES:
+        raise ModelRegistryError(
+            f"CRMSCORE_MODEL_UPDATES: expected 'live' or 'frozen', got {value!r}")
+    return lowered
+
+
+def bundle_doc(layout: RedisLayout, bundle: ModelBundle, *, frozen: bool = False
+               ) -> VersionedDoc:
+    """The bundle as a document: the served one, or with ``frozen`` the candidate."""
+    key = layout.model_candidate() if frozen else layout.model_bundle()
+    return VersionedDoc(key, bundle.version,
                         pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def load_published(client: redis.Redis, key: str) -> ModelBundle | None:
+    """The bundle stored at ``key``, or None if there is none; Redis errors propagate."""
+    blob = client.hget(key, "doc")
+    if not isinstance(blob, bytes):
+        return None
+    bundle: ModelBundle = pickle.loads(blob)
+    return bundle
 
 
 class BundleCache:
     """The newest published bundle, shared by the worker threads of one process."""
 
     def __init__(self, client: redis.Redis, layout: RedisLayout, initial: ModelBundle,
-                 refresh_seconds: float = 0.5) -> None:
+                 refresh_seconds: float = 0.5, *, frozen: bool = False) -> None:
         self._client = client
         self._key = layout.model_bundle()
         self._bundle = initial
         self._refresh = refresh_seconds
         self._checked_at = -float("inf")
+        if frozen:  # the bundle in Redis now, for the life of the process
+            try:
+                self._bundle = load_published(client, self._key) or initial
+            except (redis.RedisError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
+                raise ModelRegistryError(
+                    f"frozen model updates: cannot read {self._key} from Redis: {exc}") from exc
+            self._checked_at = float("inf")
         self._lock = threading.Lock()
+
+    @property
+    def frozen(self) -> bool:
+        return self._checked_at == float("inf")
 
     def get(self) -> ModelBundle:
         now = time.monotonic()
@@ -72,15 +124,16 @@ class BundleCache:
             log.warning("model bundle not refreshed from Redis: %s", exc)
 
 
-_caches: dict[tuple[str, str], BundleCache] = {}
+_caches: dict[tuple[str, str, bool], BundleCache] = {}
 _caches_lock = threading.Lock()
 
 
 def shared_cache(settings: Settings, initial: ModelBundle) -> BundleCache:
-    """One cache per process and Redis key prefix."""
-    key = (settings.redis_url, settings.redis_prefix)
+    """One cache per process, Redis key prefix and updates mode."""
+    frozen = updates_mode(settings.model_updates) == FROZEN
+    key = (settings.redis_url, settings.redis_prefix, frozen)
     with _caches_lock:
         if key not in _caches:
             _caches[key] = BundleCache(redis_client(settings), RedisLayout(settings.redis_prefix),
-                                       initial)
+                                       initial, frozen=frozen)
         return _caches[key]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import redis
@@ -99,16 +100,29 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
 
 class PublishThrottle:
     """When a single-key step should publish its report: when its version changed, at
-    most every ``seconds`` of wall clock. Not snapshotted: a resumed step republishes."""
+    most every ``seconds`` of wall clock. A change held back is due at :meth:`retry_at`
+    (the step's ``notify_at``), so the newest version is published even if no input
+    follows it. Not snapshotted: a resumed step republishes."""
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
-        self.version: int | None = None
+        self.version: int | None = None  # the version published last
+        self.held: int | None = None  # a newer version not published yet
         self.at = -float("inf")
 
     def due(self, version: int) -> bool:
         now = time.monotonic()
-        if version == self.version or now - self.at < self.seconds:
+        if version == self.version:
             return False
-        self.version, self.at = version, now
+        if now - self.at < self.seconds:
+            self.held = version
+            return False
+        self.version, self.held, self.at = version, None, now
         return True
+
+    def retry_at(self) -> datetime | None:
+        """Wall-clock instant (UTC) at which the held-back version may be published."""
+        if self.held is None:
+            return None
+        wait = max(self.at + self.seconds - time.monotonic(), 0.0)
+        return datetime.now(UTC) + timedelta(seconds=wait)

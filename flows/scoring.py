@@ -28,6 +28,7 @@ import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, TypeGuard
 
 import bytewax.operators as op
@@ -76,6 +77,7 @@ from models.transaction import (
 )
 
 Message = KafkaSourceMessage[bytes | None, bytes | None]
+FIT_POLL = timedelta(seconds=1)  # how often an idle models step checks a background fit
 
 
 @dataclass(slots=True)
@@ -247,14 +249,16 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
 
 class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDoc, bytes]):
     """Learns churn models from matured labels and the population from customers' rows;
-    publishes the model bundle and report every ``publish_seconds`` (wall clock)."""
+    publishes the model bundle and report every ``publish_seconds`` (wall clock). With
+    ``frozen`` model updates the bundle is published as the candidate, not served."""
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
-                 publish_seconds: float, refit_days: float) -> None:
+                 publish_seconds: float, refit_days: float, frozen: bool) -> None:
         self.population: Population = (Population(config, refit_days=refit_days)
                                        if resume is None else pickle.loads(resume))
         self.layout = layout
         self.throttle = PublishThrottle(publish_seconds)
+        self.frozen = frozen
 
     def on_batch(self, values: list[LabeledExample | PopulationRow]) -> tuple[list[Any], bool]:
         population = self.population
@@ -264,13 +268,26 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
             else:
                 population.learn(item)
         population.maybe_refit()
+        return self._publish(), StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        self.population.maybe_refit()  # a fit may have finished since the last input
+        return self._publish(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        at = self.throttle.retry_at()
+        if at is None and self.population.fitting:  # collect the fit without new input
+            at = datetime.now(UTC) + FIT_POLL
+        return at
+
+    def _publish(self) -> list[VersionedDoc]:
+        population = self.population
         if not self.throttle.due(population.version):
-            return [], StatefulBatchLogic.RETAIN
+            return []
         report = population.report(format_time(time.time_ns() // 1000))
-        return [bundle_doc(self.layout, population.bundle()),
+        return [bundle_doc(self.layout, population.bundle(), frozen=self.frozen),
                 VersionedDoc(self.layout.model_report(), population.version,
-                             orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))], \
-            StatefulBatchLogic.RETAIN
+                             orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))]
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.population, protocol=pickle.HIGHEST_PROTOCOL)
@@ -295,12 +312,12 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     """The dataflow; ``tail=False`` stops at the end of the topics (batch replays, tests)."""
     layout = RedisLayout(settings.redis_prefix)
     config = scoring_config(settings)
-    bundles = shared_cache(settings, ModelBundle(config=config))
     max_future_us = round(settings.max_future_seconds * SECOND_US)
     kafka_config = settings.kafka_client_config()
     brokers = kafka_config.pop("bootstrap.servers").split(",")
     timers_topic = settings.timers_topic
     rules = load_rules(settings.alert_rules or None)  # a bad file stops the start here
+    bundles = shared_cache(settings, ModelBundle(config=config))  # frozen: read here, once
 
     flow = Dataflow("crmscore")
     kafka = kop.input(
@@ -362,7 +379,7 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     models: Stream[tuple[str, VersionedDoc]] = op.stateful_batch(
         "models", op.key_on("models_key", learning, lambda _: "models"),
         lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
-                                   settings.btyd_refit_days),
+                                   settings.btyd_refit_days, bundles.frozen),
     )
     docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models),
                     op.key_rm("drop_alert_report_key", alert_report))

@@ -178,8 +178,10 @@ class Outputs:
 class ScoredCustomer:
     """A customer's exact state and time-dependent scores (see the module docstring)."""
 
-    __slots__ = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
-                 "key_hash", "alerts", "followups")
+    # What a snapshot keeps; ``memo`` (the next rescoring instant) is recomputed.
+    _STATE = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
+              "key_hash", "alerts", "followups")
+    __slots__ = (*_STATE, "memo")
 
     def __init__(self, customer_id: str) -> None:
         self.state = CustomerState(customer_id)
@@ -192,13 +194,15 @@ class ScoredCustomer:
         self.key_hash = customer_hash(customer_id)
         self.alerts = AlertMemory()  # what the alert rules remember
         self.followups = FollowUps()  # alerts whose outcome (a purchase?) is being watched
+        self.memo: tuple[tuple[int | None, int, int, int], int | None] | None = None
 
     def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in self._STATE)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        for name, value in zip(self.__slots__, state, strict=True):
+        for name, value in zip(self._STATE, state, strict=True):
             object.__setattr__(self, name, value)
+        self.memo = None
 
     @property
     def customer_id(self) -> str:
@@ -237,7 +241,8 @@ class ScoredCustomer:
              rules: AlertRules | None = None) -> bool:
         """The stream clock passed ``due_us``: process every due instant up to it.
 
-        Returns whether anything was due (a stale wake, superseded by events, is not).
+        Returns whether the score moved on (not for a stale wake, superseded by events,
+        nor for an instant that only closes an alert's outcome window).
         """
         if self.registered_us is not None and self.registered_us <= due_us:
             self.registered_us = None
@@ -253,7 +258,24 @@ class ScoredCustomer:
     # -- time -----------------------------------------------------------------------------
 
     def next_due_us(self, bundle: ModelBundle) -> int | None:
-        """The next instant at which a score changes if no event arrives."""
+        """The next instant at which a score changes, or an alert's outcome is known, if no
+        event arrives."""
+        score, outcome = self._next_score_us(bundle), self._next_outcome_us(bundle)
+        if score is None or outcome is None:
+            return outcome if score is None else score
+        return min(score, outcome)
+
+    def _next_score_us(self, bundle: ModelBundle) -> int | None:
+        """The next instant at which the score moves on (rescoring); remembered until the
+        state, ``as_of`` or the bundle changes: the flow asks after every batch."""
+        key = (self.as_of_us, self.version, id(bundle), bundle.version)
+        if self.memo is not None and self.memo[0] == key:
+            return self.memo[1]
+        due = self._compute_next_score_us(bundle)
+        self.memo = (key, due)
+        return due
+
+    def _compute_next_score_us(self, bundle: ModelBundle) -> int | None:
         now = self.as_of_us
         if now is None:
             return None
@@ -279,21 +301,30 @@ class ScoredCustomer:
             fixed = next((last + round(d * DAY_US) for d in cfg.refresh_days
                           if last + d * DAY_US > max(now, last + gap_us)), None)
             candidates += [t for t in (rhythm, fixed) if t is not None]
-        deadline = self.followups.next_deadline_us()
-        if deadline is not None:  # an alert's outcome is known once late events are in too
-            candidates.append(deadline + bundle.config.lateness_us + 1)
         later = [t for t in candidates if t > now]
         return min(later) if later else None
 
+    def _next_outcome_us(self, bundle: ModelBundle) -> int | None:
+        """When the earliest followed alert's outcome is known: its window closed and the
+        late events it may credit are in. Not a rescoring: the score stays as it is."""
+        deadline = self.followups.next_deadline_us()
+        return None if deadline is None else deadline + bundle.config.lateness_us + 1
+
     def _advance(self, to_us: int, bundle: ModelBundle, out: Outputs,
                  rules: AlertRules | None) -> bool:
-        advanced = False
-        while (due := self.next_due_us(bundle)) is not None and due <= to_us:
-            self.as_of_us = due
+        """Process every due instant up to ``to_us``; returns whether the score moved."""
+        rescored = False
+        while True:
+            score, outcome = self._next_score_us(bundle), self._next_outcome_us(bundle)
+            if outcome is not None and outcome <= to_us and (score is None or outcome < score):
+                out.outcomes += self.followups.mature(outcome - bundle.config.lateness_us)
+                continue
+            if score is None or score > to_us:
+                return rescored
+            self.as_of_us = score
             self.steps += 1
             self._step(bundle, out, rules, None)
-            advanced = True
-        return advanced
+            rescored = True
 
     def _step(self, bundle: ModelBundle, out: Outputs, rules: AlertRules | None,
               cause: Cause | None) -> None:

@@ -105,6 +105,23 @@ def wait_for_consumed(conn: redis.Redis, layout: RedisLayout, at_least: int,
     raise AssertionError(f"flow did not consume {at_least} events in {timeout} s: {st}")
 
 
+def wait_until_settled(conn: redis.Redis, env: FlowEnv, quiet_s: float = 4.0,
+                       timeout: float = 120.0) -> dict[str, dict[str, Any]]:
+    """Score documents once no version has changed for ``quiet_s`` (wake-ups done)."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, int] = {}
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        docs = score_documents(conn, env.layout)
+        versions = {cid: d["version"] for cid, d in docs.items()}
+        if versions != last:
+            last, stable_since = versions, time.monotonic()
+        elif time.monotonic() - stable_since >= quiet_s:
+            return docs
+        time.sleep(0.5)
+    raise AssertionError("score documents kept changing")
+
+
 def epoch(text: str) -> float:
     """Seconds since the epoch of an RFC 3339 time."""
     from datetime import datetime

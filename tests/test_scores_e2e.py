@@ -29,8 +29,8 @@ from tests.pipeline import (
     admin_client,
     epoch,
     kill,
-    score_documents,
     wait_for_consumed,
+    wait_until_settled,
 )
 
 pytestmark = [pytest.mark.e2e]
@@ -43,23 +43,6 @@ def auc(scores: list[float], labels: list[int]) -> float:
     pos, neg = s[y == 1], s[y == 0]
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
-
-
-def wait_until_settled(conn: redis.Redis, env: FlowEnv, quiet_s: float = 4.0,
-                       timeout: float = 120.0) -> dict[str, dict[str, Any]]:
-    """Score documents once no version has changed for ``quiet_s`` (wake-ups done)."""
-    deadline = time.monotonic() + timeout
-    last: dict[str, int] = {}
-    stable_since = time.monotonic()
-    while time.monotonic() < deadline:
-        docs = score_documents(conn, env.layout)
-        versions = {cid: d["version"] for cid, d in docs.items()}
-        if versions != last:
-            last, stable_since = versions, time.monotonic()
-        elif time.monotonic() - stable_since >= quiet_s:
-            return docs
-        time.sleep(0.5)
-    raise AssertionError("score documents kept changing")
 
 
 @pytest.fixture(scope="module")
