@@ -81,9 +81,8 @@ class Settings:
     )
     model_updates: str = _setting(
         "live", "'live': customers score with the newest learned models; 'frozen': with "
-        "the models in Redis at start (deterministic: restarts and replays give the same "
-        "scores and alert ids; the models step publishes a candidate, see "
-        "`crmscore models promote`)"
+        "the models in Redis at start (scores no longer depend on when a bundle arrived; "
+        "the models step publishes a candidate, see `crmscore models promote`)"
     )
     alert_rules: str = _setting(
         "", "alert rules file (TOML); empty: the packaged crmscore/alert_rules.toml"

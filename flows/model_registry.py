@@ -17,11 +17,11 @@ customer was scored: a crash or a replay at another speed can decide differently
 
 ``CRMSCORE_MODEL_UPDATES=frozen`` removes that: every process scores with the bundle
 found in Redis when it starts (the cold-start priors if none), and the models step keeps
-learning but publishes its bundle as ``{prefix}models:candidate``. Scores and alerts are
-then a function of the events alone: a crash, a restart or a replay gives the same ids.
-Campaign periods want this too (the uplift of an alert is measured under one model).
-``crmscore models promote`` makes the candidate the served bundle; frozen processes
-take it at their next start.
+learning but publishes its bundle as ``{prefix}models:candidate``. Scores and alerts no
+longer depend on when a bundle arrived (they still can on how wake-ups and events
+interleave after a crash: docs/design.md, "Known gap"). Campaign periods want this too
+(the uplift of an alert is measured under one model). ``crmscore models promote`` makes
+the candidate the served bundle; frozen processes take it at their next start.
 
 Redis must be trusted (bundles are pickles): the same trust the score store needs.
 """
@@ -88,6 +88,7 @@ class BundleCache:
         self._bundle = initial
         self._refresh = refresh_seconds
         self._checked_at = -float("inf")
+        self.frozen = frozen
         if frozen:  # the bundle in Redis now, for the life of the process
             try:
                 self._bundle = load_published(client, self._key) or initial
@@ -96,10 +97,6 @@ class BundleCache:
                     f"frozen model updates: cannot read {self._key} from Redis: {exc}") from exc
             self._checked_at = float("inf")
         self._lock = threading.Lock()
-
-    @property
-    def frozen(self) -> bool:
-        return self._checked_at == float("inf")
 
     def get(self) -> ModelBundle:
         now = time.monotonic()
