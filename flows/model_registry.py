@@ -48,6 +48,10 @@ LIVE, FROZEN = "live", "frozen"
 UPDATES = (LIVE, FROZEN)
 
 
+# What reading a bundle can raise: Redis down, or a blob that is not a bundle.
+_LOAD_ERRORS = (redis.RedisError, pickle.UnpicklingError, EOFError, AttributeError)
+
+
 class ModelRegistryError(RuntimeError):
     """The model updates setting is wrong, or a frozen start cannot read its bundle."""
 
@@ -92,7 +96,7 @@ class BundleCache:
         if frozen:  # the bundle in Redis now, for the life of the process
             try:
                 self._bundle = load_published(client, self._key) or initial
-            except (redis.RedisError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
+            except _LOAD_ERRORS as exc:
                 raise ModelRegistryError(
                     f"frozen model updates: cannot read {self._key} from Redis: {exc}") from exc
             self._checked_at = float("inf")
@@ -113,10 +117,8 @@ class BundleCache:
             version = self._client.hget(self._key, "v")
             if version is None or int(version) <= self._bundle.version:
                 return
-            blob = self._client.hget(self._key, "doc")
-            if isinstance(blob, bytes):
-                self._bundle = pickle.loads(blob)
-        except (redis.RedisError, pickle.UnpicklingError, EOFError, AttributeError) as exc:
+            self._bundle = load_published(self._client, self._key) or self._bundle
+        except _LOAD_ERRORS as exc:
             # Scores go on with the bundle in hand; the next refresh tries again.
             log.warning("model bundle not refreshed from Redis: %s", exc)
 
