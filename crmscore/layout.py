@@ -46,6 +46,10 @@ class RedisLayout:
         """HASH {v: version, doc: JSON alert report: per rule, treated vs holdout}."""
         return f"{self.prefix}alerts:report"
 
+    def store_marker(self) -> str:
+        """STRING set by the flow: gone means Redis lost its data (flows/store_marker.py)."""
+        return f"{self.prefix}flow:store"
+
     def score_pattern(self) -> str:
         return f"{self.prefix}score:*"
 

@@ -44,7 +44,7 @@ class AlertReportLogic(StatefulBatchLogic[Alert | Outcome, VersionedDoc, bytes])
         else:
             self.report, self.version = pickle.loads(resume)
         self.layout = layout
-        self.throttle = PublishThrottle(publish_seconds)
+        self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
 
     def on_batch(self, values: list[Alert | Outcome]) -> tuple[list[Any], bool]:
         for item in values:

@@ -9,10 +9,12 @@ its last snapshot: per-customer state, status counts and Kafka offsets together.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import logging
 import os
 import signal
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from bytewax.run import cli_main
 
 from crmscore.clients import ensure_topics
 from crmscore.settings import Settings
-from flows.model_registry import ModelRegistryError
+from flows.model_registry import ModelRegistryError, restore_frozen_bundle
 from flows.scoring import build_flow
 from models.alert_rules import AlertRulesError
 
@@ -41,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="stop at the end of the topic instead of waiting for new events")
     parser.add_argument("--no-recovery", action="store_true",
                         help="keep no snapshots: a restart starts from the beginning")
+    parser.add_argument("--rewrite-store", action="store_true",
+                        help="rewrite every customer's score document from the recovered "
+                             "state (done by itself when Redis lost the flow's data)")
     parser.add_argument("-w", "--workers-per-process", type=int, default=1)
     parser.add_argument("-i", "--process-id", type=int, default=None,
                         help="this process's index in --addresses (cluster mode)")
@@ -81,7 +86,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
     try:
-        flow = build_flow(settings, tail=not args.until_end)
+        flow = build_flow(settings, tail=not args.until_end,
+                          on_lost=functools.partial(restart_on_store_lost, settings),
+                          rewrite_store=args.rewrite_store)
     except (AlertRulesError, ModelRegistryError) as exc:
         log.error("%s", exc)
         return 2
@@ -100,6 +107,17 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         recovery_config=recovery,
     )
     return 0
+
+
+def restart_on_store_lost(settings: Settings, marker: str) -> None:
+    """Redis lost the flow's data: start again from the last snapshot, which rewrites
+    every document from the recovered state and re-applies what came after it
+    (flows/store_marker.py). Like a crash, and as safe."""
+    log.error("Redis lost the flow's data (the key %r is gone): restarting from the last "
+              "snapshot to write it again", marker)
+    restore_frozen_bundle(settings)
+    logging.shutdown()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

@@ -136,3 +136,17 @@ def shared_cache(settings: Settings, initial: ModelBundle) -> BundleCache:
             _caches[key] = BundleCache(redis_client(settings), RedisLayout(settings.redis_prefix),
                                        initial, frozen=frozen)
         return _caches[key]
+
+
+def restore_frozen_bundle(settings: Settings) -> None:
+    """Write this process's frozen bundle back to Redis if Redis lost it, so a restarted
+    flow scores with the same models (flows/store_marker.py)."""
+    layout = RedisLayout(settings.redis_prefix)
+    with _caches_lock:
+        cache = _caches.get((settings.redis_url, settings.redis_prefix, True))
+    if cache is None or cache.get().version == 0:  # not frozen, or frozen on the priors
+        return
+    doc = bundle_doc(layout, cache.get())
+    with redis_client(settings) as client:
+        if not client.exists(doc.key):
+            client.hset(doc.key, mapping={"v": doc.version, "doc": doc.doc})

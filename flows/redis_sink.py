@@ -6,13 +6,16 @@ version is greater than the stored one, and only then is it published on its
 update channel. A batch keeps only the newest version per key before writing.
 
 While Redis is unreachable the sink retries with capped exponential backoff,
-which back-pressures the whole flow: nothing is dropped, nothing is skipped.
+which back-pressures the whole flow: nothing is dropped, nothing is skipped. Every
+write also checks the flow's marker key: when Redis comes back without it, it lost its
+data, and ``on_lost`` is called (flows/store_marker.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -20,7 +23,9 @@ import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from crmscore.clients import redis_client
+from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
+from flows.store_marker import raise_store_lost
 
 log = logging.getLogger(__name__)
 
@@ -54,18 +59,25 @@ class VersionedDoc(NamedTuple):
     channel: str = ""
 
 
+OnLost = Callable[[str], None]  # called with the marker key when Redis lost the data
+
+
 class RedisDocSink(DynamicSink[VersionedDoc]):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_lost: OnLost = raise_store_lost) -> None:
         self._settings = settings
+        self._on_lost = on_lost
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisDocPartition:
-        return _RedisDocPartition(redis_client(self._settings))
+        marker = RedisLayout(self._settings.redis_prefix).store_marker()
+        return _RedisDocPartition(redis_client(self._settings), marker, self._on_lost)
 
 
 class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, marker: str, on_lost: OnLost) -> None:
         self._client = client
         self._script = client.register_script(WRITE_IF_NEWER)
+        self._marker = marker
+        self._on_lost = on_lost
 
     def write_batch(self, items: list[VersionedDoc]) -> None:
         newest: dict[str, VersionedDoc] = {}
@@ -86,13 +98,16 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
 
     def _write(self, docs: list[VersionedDoc]) -> None:
         pipe = self._client.pipeline(transaction=False)
+        pipe.exists(self._marker)
         for start in range(0, len(docs), _CHUNK):
             chunk = docs[start : start + _CHUNK]
             args: list[Any] = []
             for d in chunk:
                 args += (d.version, d.doc, d.channel)
             self._script(keys=[d.key for d in chunk], args=args, client=pipe)
-        pipe.execute()
+        marker_exists, *_ = pipe.execute()
+        if not marker_exists:
+            self._on_lost(self._marker)
 
     def close(self) -> None:
         self._client.close()
@@ -102,12 +117,14 @@ class PublishThrottle:
     """When a single-key step should publish its report: when its version changed, at
     most every ``seconds`` of wall clock. A change held back is due at :meth:`retry_at`
     (the step's ``notify_at``), so the newest version is published even if no input
-    follows it. Not snapshotted: a resumed step republishes."""
+    follows it. Not snapshotted: a ``resumed`` step republishes at once."""
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, *, resumed: bool = False) -> None:
         self.seconds = seconds
         self.version: int | None = None  # the version published last
-        self.held: int | None = None  # a newer version not published yet
+        # A newer version not published yet. A resumed step has one at once: what Redis
+        # holds may be older than its state, or gone (flows/store_marker.py).
+        self.held: int | None = -1 if resumed else None
         self.at = -float("inf")
 
     def due(self, version: int) -> bool:

@@ -24,6 +24,7 @@ the stream's event-time clock through the timer topic (flows/timers.py).
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 from collections.abc import Callable
@@ -38,22 +39,22 @@ from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
-from crmscore.clients import CONSUMER_DEFAULTS
+from crmscore.clients import CONSUMER_DEFAULTS, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
-from flows.redis_sink import PublishThrottle, RedisDocSink, VersionedDoc
+from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
+from flows.store_marker import claim_store, raise_store_lost
 from flows.timers import (
+    OpenBuckets,
     Registration,
     TimerBucketLogic,
     Wake,
-    bucket_key,
     decode_wake,
     encode_wake,
-    ticks,
 )
 from models.alert_rules import AlertRules, load_rules
 from models.alerts import Alert
@@ -76,8 +77,13 @@ from models.transaction import (
     parse_transaction,
 )
 
+log = logging.getLogger(__name__)
+
 Message = KafkaSourceMessage[bytes | None, bytes | None]
 FIT_POLL = timedelta(seconds=1)  # how often an idle models step checks a background fit
+# How often an idle flow writes its status anyway: the write that notices, within this
+# delay, that Redis lost the flow's data (flows/store_marker.py).
+STATUS_HEARTBEAT = timedelta(seconds=5)
 
 
 @dataclass(slots=True)
@@ -112,10 +118,13 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
     return Counts(applied, duplicate, rejected, clock)
 
 
-def parse(msg: Message, max_future_us: int, timers_topic: str) -> Accepted | Refused | Wake:
+def parse(msg: Message, max_future_us: int, timers_topic: str,
+          started_ms: int) -> Accepted | Refused | Wake:
     if msg.topic == timers_topic:
+        # Written before this run of the flow started: from before a restart.
+        stale = msg.timestamp is not None and 0 < msg.timestamp[1] < started_ms
         try:
-            return decode_wake(msg.key, msg.value)
+            return decode_wake(msg.key, msg.value, stale)
         except ValueError as exc:
             return Refused(Rejection("bad_wake", str(exc)), msg)
     parsed = parse_transaction(msg.value, time.time_ns() // 1000, max_future_us)
@@ -157,11 +166,13 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
     and the outcomes of alerts followed up."""
 
     def __init__(self, resume: bytes | None, bundles: BundleCache, layout: RedisLayout,
-                 rules: AlertRules | None) -> None:
+                 rules: AlertRules | None, rewrite: bool = False) -> None:
         self.customer: ScoredCustomer | None = None if resume is None else pickle.loads(resume)
         self.bundles = bundles
         self.layout = layout
         self.rules = rules
+        # Redis lost the documents (flows/store_marker.py): write this one again at once.
+        self.rewrite = rewrite and self.customer is not None
 
     def on_batch(self, values: list[Accepted | Wake]) -> tuple[list[Any], bool]:
         if self.customer is None:  # bytewax does not pass the key: take it from the item
@@ -174,7 +185,10 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         changed = False
         for item in values:
             if isinstance(item, Wake):
-                changed |= customer.wake(item.due_us, bundle, out, self.rules)
+                if item.stale:  # from before a restart: fire it again on this run's clock
+                    out.registrations.append((item.customer_id, item.due_us))
+                else:
+                    changed |= customer.wake(item.due_us, bundle, out, self.rules)
                 continue
             outcome = customer.apply(item.tx, bundle, out, self.rules)
             if outcome is APPLIED:
@@ -189,12 +203,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
             return emitted, StatefulBatchLogic.DISCARD
         if applied or changed:
-            cid = customer.customer_id
-            doc = out.doc  # built for the alert rules at the newest instant, if any
-            if doc is None or doc["version"] != customer.version:
-                doc = customer.document(bundle, out)
-            emitted.append(VersionedDoc(self.layout.score(cid), customer.version,
-                                        orjson.dumps(doc), self.layout.updates(cid)))
+            emitted.append(self._document(customer, bundle, out))
         customer.register(bundle, out)
         emitted += [Registration(*r) for r in out.registrations]
         emitted += out.labels
@@ -202,6 +211,25 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         emitted += out.alerts
         emitted += out.outcomes
         return emitted, StatefulBatchLogic.RETAIN
+
+    def _document(self, customer: ScoredCustomer, bundle: ModelBundle,
+                  out: Outputs) -> VersionedDoc:
+        cid = customer.customer_id
+        doc = out.doc  # built for the alert rules at the newest instant, if any
+        if doc is None or doc["version"] != customer.version:
+            doc = customer.document(bundle, out)
+        self.rewrite = False
+        return VersionedDoc(self.layout.score(cid), customer.version, orjson.dumps(doc),
+                            self.layout.updates(cid))
+
+    def notify_at(self) -> datetime | None:
+        return datetime.now(UTC) if self.rewrite else None
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        customer = self.customer
+        if not self.rewrite or customer is None or customer.state.max_event_us is None:
+            return [], StatefulBatchLogic.RETAIN
+        return [self._document(customer, self.bundles.get(), Outputs())], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
         # Pickled bytes are an immutable copy, cheaper than bytewax's deepcopy.
@@ -213,38 +241,53 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
     wake-up registrations (due ones fire at once) and ticks the timer buckets."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
-        self.totals = Counts() if resume is None else pickle.loads(resume)
+        self.totals, hours = (Counts(), []) if resume is None else pickle.loads(resume)
+        self.buckets = OpenBuckets(hours)
         self.layout = layout
+        # When to write the status again without new counts: at once when resumed (Redis
+        # may hold an older one, or none), then every STATUS_HEARTBEAT.
+        self.status_due: datetime | None = datetime.now(UTC) if resume is not None else None
 
     def on_batch(self, values: list[Counts | Registration]) -> tuple[list[Any], bool]:
         counts = [v for v in values if isinstance(v, Counts)]
-        previous_clock = self.totals.clock_us
-        self.totals = applied, duplicate, rejected, clock = sum_counts(counts, self.totals)
+        self.totals = sum_counts(counts, self.totals)
+        clock = self.totals.clock_us
         out: list[Any] = []
         for r in values:
             if isinstance(r, Registration):
                 if clock is not None and r.due_us <= clock:
                     out.append(Wake(*r))
                 else:
-                    out.append((bucket_key(r.due_us), r))
+                    out.append(self.buckets.route(r))
         if clock is not None:
-            out += ticks(previous_clock, clock)
+            out += self.buckets.passed(clock)
         if counts:
-            consumed = applied + duplicate + rejected
-            doc = {
-                "events_consumed": consumed,
-                "events_applied": applied,
-                "events_rejected": rejected,
-                "events_duplicate": duplicate,
-                "stream_clock": None if clock is None else format_time(clock),
-                "updated_at": format_time(time.time_ns() // 1000),
-            }
-            # consumed only grows, so it orders status documents.
-            out.append(VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc)))
+            out.append(self._status())
         return out, StatefulBatchLogic.RETAIN
 
+    def notify_at(self) -> datetime | None:
+        return self.status_due
+
+    def on_notify(self) -> tuple[list[Any], bool]:
+        return [self._status()], StatefulBatchLogic.RETAIN
+
+    def _status(self) -> VersionedDoc:
+        applied, duplicate, rejected, clock = self.totals
+        consumed = applied + duplicate + rejected
+        doc = {
+            "events_consumed": consumed,
+            "events_applied": applied,
+            "events_rejected": rejected,
+            "events_duplicate": duplicate,
+            "stream_clock": None if clock is None else format_time(clock),
+            "updated_at": format_time(time.time_ns() // 1000),
+        }
+        self.status_due = datetime.now(UTC) + STATUS_HEARTBEAT
+        # consumed only grows, so it orders status documents.
+        return VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc))
+
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.totals)
+        return pickle.dumps((self.totals, self.buckets.hours()))
 
 
 class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDoc, bytes]):
@@ -257,7 +300,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
         self.population: Population = (Population(config, refit_days=refit_days)
                                        if resume is None else pickle.loads(resume))
         self.layout = layout
-        self.throttle = PublishThrottle(publish_seconds)
+        self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
         self.frozen = frozen
 
     def on_batch(self, values: list[LabeledExample | PopulationRow]) -> tuple[list[Any], bool]:
@@ -308,16 +351,28 @@ def split(step_id: str, stream: Stream[Any], *kinds: type) -> list[Stream[Any]]:
     return [*streams, stream]
 
 
-def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
-    """The dataflow; ``tail=False`` stops at the end of the topics (batch replays, tests)."""
+def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise_store_lost,
+               rewrite_store: bool = False) -> Dataflow:
+    """The dataflow; ``tail=False`` stops at the end of the topics (batch replays, tests).
+
+    ``on_lost`` is called when Redis loses the flow's data while it runs; resumed
+    customers rewrite their documents if it had lost them before the start, or with
+    ``rewrite_store`` (flows/store_marker.py).
+    """
     layout = RedisLayout(settings.redis_prefix)
     config = scoring_config(settings)
     max_future_us = round(settings.max_future_seconds * SECOND_US)
     kafka_config = settings.kafka_client_config()
     brokers = kafka_config.pop("bootstrap.servers").split(",")
     timers_topic = settings.timers_topic
+    started_ms = time.time_ns() // 1_000_000  # wake-ups written before are stale
     rules = load_rules(settings.alert_rules or None)  # a bad file stops the start here
     bundles = shared_cache(settings, ModelBundle(config=config))  # frozen: read here, once
+    with redis_client(settings) as client:
+        rewrite = claim_store(client, layout) or rewrite_store
+    if rewrite:
+        log.warning("Redis does not hold this flow's marker key: resumed customers "
+                    "rewrite their score documents")
 
     flow = Dataflow("crmscore")
     kafka = kop.input(
@@ -325,7 +380,7 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
         tail=tail, add_config={**CONSUMER_DEFAULTS, **kafka_config},
     )
     # KafkaSourceMessage(key=customer_id bytes, value=event JSON or due instant bytes)
-    parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us, timers_topic))
+    parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us, timers_topic, started_ms))
     # Accepted(tx, msg) | Refused(rejection, msg) | Wake(customer_id, due_us)
     refused_or_not = op.branch("is_refused", parsed, is_refused)
     broken = op.map("kafka_errors", kafka.errs, kafka_error)
@@ -333,7 +388,7 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     # (customer_id, Accepted | Wake)
     results = op.stateful_batch(
         "customers", by_customer,
-        lambda resume: CustomerLogic(resume, bundles, layout, rules),
+        lambda resume: CustomerLogic(resume, bundles, layout, rules, rewrite),
     )
     results = op.key_rm("drop_customer_key", results)
     scores, refused_late, counts, registrations, alerts, outcomes, learning = split(
@@ -383,5 +438,5 @@ def build_flow(settings: Settings, *, tail: bool = True) -> Dataflow:
     )
     docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models),
                     op.key_rm("drop_alert_report_key", alert_report))
-    op.output("redis", docs, RedisDocSink(settings))
+    op.output("redis", docs, RedisDocSink(settings, on_lost))
     return flow

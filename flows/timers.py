@@ -7,9 +7,11 @@ wake-ups go round through Kafka, as a timer topic:
 1. The customers step asks to be woken: a :class:`Registration` (customer, due instant).
 2. The single clock step (it also keeps the pipeline status) knows the stream clock. A
    registration already due fires at once; any other goes to the timer bucket of its
-   hour, a small key of the ``timers`` step. When the clock passes the end of an hour,
-   the clock step sends that bucket a :class:`Tick`: the bucket fires what it holds and
-   stays as a closed tombstone that fires any late registration at once.
+   hour, a small key of the ``timers`` step. When the clock passes the end of an hour
+   it has sent registrations to (:class:`OpenBuckets`), the clock step sends that bucket
+   a :class:`Tick`: the bucket fires what it holds and stays as a closed tombstone that
+   fires any late registration at once. Hours without registrations cost nothing, so a
+   clock that jumps decades (an event from 1971 read first) sends no flood of ticks.
 3. Fired wake-ups are written to the timers topic (key = customer id, value = the due
    instant in microseconds) and read back by the flow's own Kafka input, keyed by
    customer like the transactions, so the customers step gets them in order with
@@ -21,16 +23,32 @@ processes due instants it computed itself (:meth:`models.scoring.ScoredCustomer.
 A bucket's snapshot holds only its own registrations, so snapshot cost follows the
 number of due instants touched, not the number of customers.
 
->>> [key for key, _ in ticks(None, 5 * BUCKET_US)]  # the first clock ticks nothing
-[]
->>> [key for key, _ in ticks(5 * BUCKET_US + 7, 8 * BUCKET_US)]  # hours 5, 6, 7 have passed
-['5', '6', '7']
+**Restarts.** After a crash the flow resumes from its last snapshot and re-reads both
+topics from the snapshot's offsets. The timers topic then still holds wake-ups that the
+crashed run fired after that snapshot, at a stream clock the restarted run has not
+reached again: processed on arrival, they would wake a customer past events it has not
+re-applied yet. So a wake-up written before this run started (its Kafka timestamp is older
+than the flow's start) is *stale*: the customer does not process it but registers it
+again, and the restarted clock fires it once it passes the instant
+(at once if it already has). Wake-ups fired before the snapshot are re-fired that way;
+those fired after it are fired again by the recovered buckets too, and the duplicate is
+harmless.
+
+>>> hours = OpenBuckets()
+>>> [hours.route(Registration("c", due * BUCKET_US + 1))[0] for due in (7, 5, 7, 900)]
+['7', '5', '7', '900']
+>>> [key for key, _ in hours.passed(8 * BUCKET_US)]  # hours 5 and 7 ended; 6 held nothing
+['5', '7']
+>>> [key for key, _ in hours.passed(10**6 * BUCKET_US)]
+['900']
 >>> decode_wake(b"c-42", b"1700000000000000")
-Wake(customer_id='c-42', due_us=1700000000000000)
+Wake(customer_id='c-42', due_us=1700000000000000, stale=False)
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterable
 from typing import NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
@@ -48,10 +66,12 @@ class Registration(NamedTuple):
 
 
 class Wake(NamedTuple):
-    """A fired registration, read back from the timers topic."""
+    """A fired registration, read back from the timers topic; ``stale`` when a previous
+    run of the flow wrote it (see Restarts, above)."""
 
     customer_id: str
     due_us: int
+    stale: bool = False
 
 
 class Tick(NamedTuple):
@@ -60,31 +80,44 @@ class Tick(NamedTuple):
     clock_us: int
 
 
-def bucket_key(due_us: int) -> str:
-    return str(due_us // BUCKET_US)
+class OpenBuckets:
+    """The hours the clock sent registrations to and has not ticked yet, earliest first."""
 
+    def __init__(self, hours: Iterable[int] = ()) -> None:
+        self._heap = sorted(set(hours))
+        self._open = set(self._heap)
 
-def ticks(previous_clock_us: int | None, clock_us: int) -> list[tuple[str, Tick]]:
-    """A tick for every bucket whose hour ended between the two clock readings.
+    def route(self, registration: Registration) -> tuple[str, Registration]:
+        """The (bucket key, registration) to send; the hour stays open until ticked."""
+        hour = registration.due_us // BUCKET_US
+        if hour not in self._open:
+            self._open.add(hour)
+            heapq.heappush(self._heap, hour)
+        return str(hour), registration
 
-    Registrations only reach buckets the clock has not passed yet (due ones fire at
-    once), so buckets before the first reading never need a tick.
-    """
-    if previous_clock_us is None:
-        return []
-    first, end = previous_clock_us // BUCKET_US, clock_us // BUCKET_US
-    return [(str(b), Tick(clock_us)) for b in range(first, end)]
+    def passed(self, clock_us: int) -> list[tuple[str, Tick]]:
+        """A tick for every open hour that ended at or before ``clock_us``."""
+        out = []
+        while self._heap and (self._heap[0] + 1) * BUCKET_US <= clock_us:
+            hour = heapq.heappop(self._heap)
+            self._open.discard(hour)
+            out.append((str(hour), Tick(clock_us)))
+        return out
+
+    def hours(self) -> list[int]:
+        return list(self._heap)
 
 
 def encode_wake(wake: Wake) -> tuple[bytes, bytes]:
     return wake.customer_id.encode(), str(wake.due_us).encode()
 
 
-def decode_wake(key: bytes | None, value: bytes | None) -> Wake:
+def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> Wake:
     """A wake-up from the timers topic; ValueError when it is not one."""
     if not key or not value or not value.isdigit():
         raise ValueError(f"not a wake-up: key={key!r:.80} value={value!r:.80}")
-    return Wake(key.decode(), int(value))
+    return Wake(key.decode(), int(value), stale)
+
 
 
 BucketState = tuple[bool, set[Registration]]

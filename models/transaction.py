@@ -117,6 +117,9 @@ def parse_transaction(raw: bytes | None, now_us: int, max_future_us: int = 3600 
 def format_time(us: int) -> str:
     """RFC 3339 UTC with microseconds, e.g. ``2025-03-01T09:00:00.000000Z``.
 
+    >>> format_time(parse_time("0484-12-05T13:02:23Z"))
+    '0484-12-05T13:02:23.000000Z'
+
     Integer arithmetic and a per-day cache: several times faster than strftime,
     and this runs for every score document.
     """
@@ -140,7 +143,8 @@ def parse_time(text: str) -> int:
 
 @lru_cache(maxsize=8192)
 def _date_prefix(day: int) -> str:
-    return datetime.fromordinal(day + _EPOCH_ORDINAL).strftime("%Y-%m-%dT")
+    d = datetime.fromordinal(day + _EPOCH_ORDINAL)
+    return f"{d.year:04d}-{d.month:02d}-{d.day:02d}T"  # strftime's %Y drops leading zeros
 
 
 def _load_beyond_orjson(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
@@ -156,9 +160,16 @@ def _load_beyond_orjson(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
             return Rejection("amount_not_finite", f"amount is {amount}, not a finite number",
                              "amount")
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
+        obj = json.loads(raw, parse_constant=_refuse_constant)
     except ValueError as constant:
         return Rejection("not_json", f"not valid JSON: {constant}")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except (UnicodeEncodeError, RecursionError):
+        # A lone surrogate (escaped "\ud800", or UTF-8-encoded, which json.loads passes):
+        # not Unicode text, so no Redis key, validator or digest can take it.
+        return Rejection("not_json", f"not valid JSON: {exc}")
+    return obj
 
 
 def _refuse_constant(name: str) -> None:
@@ -166,7 +177,12 @@ def _refuse_constant(name: str) -> None:
 
 
 def _schema_rejection(obj: dict[str, Any]) -> Rejection:
-    errors = sorted(_VALIDATOR.iter_errors(obj), key=lambda e: list(map(str, e.instance_path)))
+    try:
+        found = list(_VALIDATOR.iter_errors(obj))
+    except ValueError as exc:  # "Recursion limit reached" at 255+ levels: is_valid copes
+        return Rejection("schema_violation", f"<event>: does not match the schema, and is "
+                         f"nested too deeply to say where ({exc})")
+    errors = sorted(found, key=lambda e: list(map(str, e.instance_path)))
     first = errors[0]
     path = ".".join(str(p) for p in first.instance_path)
     if not path and "required" in [str(p) for p in first.schema_path]:

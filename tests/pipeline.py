@@ -193,3 +193,39 @@ def admin_client(env: FlowEnv) -> Iterator[ScoringClient]:
             yield client
     finally:
         server.stop(0)
+
+
+def resumes_after(conn: redis.Redis, layout: RedisLayout, fault_ended: float,
+                  timeout: float = 120) -> float:
+    """Seconds from the end of a fault (``time.monotonic()``) until the flow counts a newly
+    consumed event: its recovery time. Call it right after the fault ends."""
+    before = _consumed(conn, layout)
+    deadline = fault_ended + timeout
+    while time.monotonic() < deadline:
+        if _consumed(conn, layout) > before:
+            return time.monotonic() - fault_ended
+        time.sleep(0.01)
+    raise AssertionError(f"the flow consumed nothing for {timeout} s after the fault")
+
+
+def _consumed(conn: redis.Redis, layout: RedisLayout) -> int:
+    try:
+        st = status(conn, layout)
+    except redis.ConnectionError:
+        return -1
+    return -1 if st is None else int(st["events_consumed"])
+
+
+def report_fault(fault: str, injected: int, st: dict[str, Any] | None, mismatches: int,
+                 recovery_s: list[float]) -> None:
+    """One row of the fault suite's table (scripts/faults): printed, and appended to the
+    file named by CRMSCORE_FAULT_REPORT when set."""
+    assert st is not None
+    recovery = ", ".join(f"{s:.1f}" for s in recovery_s) or "-"
+    row = (f"| {fault} | {injected} | {st['events_consumed']} | {st['events_applied']} | "
+           f"{st['events_rejected']} | {st['events_duplicate']} | {mismatches} | {recovery} |")
+    print(row)
+    path = os.environ.get("CRMSCORE_FAULT_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(row + "\n")

@@ -26,9 +26,12 @@ from tests.pipeline import (
     admin_client,
     kill,
     read_topic,
+    report_fault,
+    resumes_after,
     score_documents,
     status,
     wait_for_consumed,
+    wait_until_settled,
 )
 from tests.reference import Expected, mismatches, recompute
 
@@ -140,27 +143,28 @@ def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, 
     env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
     conn = redis.Redis.from_url(redis_url)
     rng = random.Random(5)
-    # A first slice, then the rest published over ~8 s from the moment the first flow is
+    # A first slice, then the rest published over ~16 s from the moment the first flow is
     # up (its start-up time varies), while the flow is killed three times at random.
     head = 200
     publish(env, lines[:head])
     proc = env.start_flow()
     wait_for_consumed(conn, env.layout, 1, proc)  # the first flow is up and applying
-    publisher = threading.Thread(target=publish, args=(env, lines[head:], 2500.0))
+    publisher = threading.Thread(target=publish, args=(env, lines[head:], 1200.0))
     publisher.start()
-    kills = 0
+    recoveries = []
     for _ in range(3):
         time.sleep(rng.uniform(1.0, 1.8))
         assert publisher.is_alive(), "the stream ended before the kill: not mid-stream"
         assert kill(proc) == -signal.SIGKILL
-        kills += 1
         proc = env.start_flow()
+        recoveries.append(resumes_after(conn, env.layout, time.monotonic()))
     publisher.join()
     wait_for_consumed(conn, env.layout, len(lines), proc)
     time.sleep(1.0)  # a double count would show up as consumed > lines
     kill(proc, signal.SIGTERM)
-    assert kills == 3
     check_final_state(env, conn, expected, len(lines))
+    report_fault("flow SIGKILL + restart, at random moments", len(recoveries),
+                 status(conn, env.layout), 0, recoveries)
 
 
 def test_restart_resumes_from_snapshot(broker, redis_url, unique, tmp_path, dataset):
@@ -194,12 +198,90 @@ def test_flow_rides_out_a_frozen_redis(broker, unique, tmp_path, dataset):
         publisher.start()
         wait_for_consumed(conn, env.layout, len(lines) // 3, proc)
         private.pause()
-        time.sleep(7)  # longer than the sink's 5 s socket timeout: its retries kick in
+        time.sleep(10)  # longer than the sink's 5 s socket timeout: its retries kick in
         assert proc.poll() is None, "the flow must wait for Redis, not die"
         private.resume()
+        recovery = resumes_after(conn, env.layout, time.monotonic())
         publisher.join()
         wait_for_consumed(conn, env.layout, len(lines), proc)
         kill(proc, signal.SIGTERM)
         check_final_state(env, conn, expected, len(lines))
+        report_fault("Redis frozen (SIGSTOP) 10 s mid-stream", 1, status(conn, env.layout), 0,
+                     [recovery])
+    finally:
+        private.stop()
+
+
+def test_flow_rewrites_what_a_redis_restarted_empty_lost(broker, unique, tmp_path, dataset):
+    """Redis restarted empty (it keeps nothing on disk), mid-stream and again once the
+    flow is idle: the flow notices its marker key is gone, restarts itself from its last
+    snapshot and rewrites every score document, so Redis ends as if nothing had been
+    lost (flows/store_marker.py)."""
+    from crmscore.embedded import start_redis
+
+    lines, expected = dataset
+    private = start_redis()
+    port = int(private.address.rsplit(":", 1)[1])
+    url = f"redis://{private.address}/0"
+    env = FlowEnv(broker.address, url, unique, tmp_path / "recovery")
+
+    def empty_redis() -> redis.Redis:
+        nonlocal private
+        private.stop()
+        private = start_redis(port=port)  # same address, nothing in it
+        return redis.Redis.from_url(url)
+
+    try:
+        publisher = threading.Thread(target=publish, args=(env, lines, 8000.0))
+        proc = env.start_flow()
+        publisher.start()
+        wait_for_consumed(redis.Redis.from_url(url), env.layout, len(lines) // 3, proc)
+        conn = empty_redis()  # mid-stream
+        recoveries = [resumes_after(conn, env.layout, time.monotonic())]
+        publisher.join()
+        wait_for_consumed(conn, env.layout, len(lines), proc)
+        wait_until_settled(conn, env)
+        conn = empty_redis()  # idle: only the rewrite can bring the documents back
+        emptied = time.monotonic()
+        wait_for_consumed(conn, env.layout, len(lines), proc, timeout=60)
+        wait_until_settled(conn, env, quiet_s=2.0)
+        recoveries.append(time.monotonic() - emptied)
+        assert proc.poll() is None, "the flow restarts itself in place, it does not exit"
+        kill(proc, signal.SIGTERM)
+        log = b"".join(p.read_bytes() for p in tmp_path.glob("flow-*.log"))
+        assert log.count(b"Redis lost the flow's data") >= 2
+        check_final_state(env, conn, expected, len(lines))
+        report_fault("Redis restarted empty, mid-stream and idle", 2, status(conn, env.layout),
+                     0, recoveries)
+    finally:
+        private.stop()
+
+
+def test_flow_rides_out_a_frozen_broker(redis_url, unique, tmp_path, dataset):
+    """The broker frozen (SIGSTOP) 10 s mid-stream: the flow's consumer and producers wait
+    and reconnect; nothing lost or doubled."""
+    from crmscore.embedded import start_broker
+
+    lines, expected = dataset
+    private = start_broker()
+    try:
+        env = FlowEnv(private.address, redis_url, unique, tmp_path / "recovery")
+        conn = redis.Redis.from_url(redis_url)
+        publisher = threading.Thread(target=publish, args=(env, lines, 4000.0))
+        proc = env.start_flow()
+        publisher.start()
+        wait_for_consumed(conn, env.layout, len(lines) // 3, proc)
+        private.pause()
+        time.sleep(10)
+        assert proc.poll() is None, "the flow must wait for the broker, not die"
+        private.resume()
+        recovery = resumes_after(conn, env.layout, time.monotonic())
+        publisher.join()
+        wait_for_consumed(conn, env.layout, len(lines), proc)
+        time.sleep(1.0)  # a double count would show up as consumed > lines
+        kill(proc, signal.SIGTERM)
+        check_final_state(env, conn, expected, len(lines))
+        report_fault("broker frozen (SIGSTOP) 10 s mid-stream", 1, status(conn, env.layout), 0,
+                     [recovery])
     finally:
         private.stop()

@@ -113,16 +113,51 @@ def test_timer_bucket_holds_until_its_tick_then_fires_late_registrations_at_once
     assert resumed.on_batch([Registration("c", 9)])[0] == [Wake("c", 9)]
 
 
-def test_clock_fires_due_registrations_and_ticks_passed_hours():
+def test_clock_fires_due_registrations_and_ticks_the_passed_hours_holding_some():
     from crmscore.layout import RedisLayout
 
+    def routed(out: list[object]) -> list[tuple[str, object]]:
+        return [o for o in out if isinstance(o, tuple) and not hasattr(o, "_fields")]
+
     clock = ClockLogic(None, RedisLayout("t:"))
-    out, _ = clock.on_batch([Counts(applied=1, clock_us=10 * BUCKET_US + 5)])
-    assert [o for o in out if isinstance(o, tuple) and isinstance(o[1], Tick)] == []
-    out, _ = clock.on_batch([Registration("a", 10 * BUCKET_US),  # already due
-                             Registration("b", 13 * BUCKET_US + 1),
+    out, _ = clock.on_batch([Counts(applied=1, clock_us=10 * BUCKET_US + 5),
+                             Registration("a", 11 * BUCKET_US + 1)])
+    assert routed(out) == [("11", Registration("a", 11 * BUCKET_US + 1))]
+    out, _ = clock.on_batch([Registration("b", 10 * BUCKET_US),  # already due
+                             Registration("c", 13 * BUCKET_US + 1),
                              Counts(applied=1, clock_us=12 * BUCKET_US + 3)])
-    assert Wake("a", 10 * BUCKET_US) in out
-    routed = [o for o in out if isinstance(o, tuple) and not hasattr(o, "_fields")]
-    assert ("13", Registration("b", 13 * BUCKET_US + 1)) in routed
-    assert [k for k, v in routed if isinstance(v, Tick)] == ["10", "11"]
+    assert Wake("b", 10 * BUCKET_US) in out
+    assert ("13", Registration("c", 13 * BUCKET_US + 1)) in routed(out)
+    assert [k for k, v in routed(out) if isinstance(v, Tick)] == ["11"]  # 10 and 12 held none
+    resumed = ClockLogic(clock.snapshot(), RedisLayout("t:"))
+    out, _ = resumed.on_batch([Counts(applied=1, clock_us=10**6 * BUCKET_US)])
+    assert [k for k, v in routed(out) if isinstance(v, Tick)] == ["13"]  # decades: one tick
+
+
+def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_processed(
+        redis_conn, unique):
+    from bytewax.connectors.kafka import KafkaSourceMessage
+
+    from crmscore.layout import RedisLayout
+    from flows.model_registry import BundleCache
+    from flows.scoring import Accepted, CustomerLogic, parse
+
+    def wake_message(written_ms: int) -> KafkaSourceMessage[bytes, bytes]:
+        return KafkaSourceMessage(b"c", str(40 * DAY_US).encode(), topic="timers",
+                                  timestamp=(1, written_ms))
+
+    started_ms = 1_800_000_000_000
+    stale, fresh = (parse(wake_message(started_ms + d), 0, "timers", started_ms)
+                    for d in (-1, 0))
+    assert stale == Wake("c", 40 * DAY_US, stale=True) and fresh == Wake("c", 40 * DAY_US)
+
+    layout = RedisLayout(f"{unique}:")  # no bundle published there: the empty one is used
+    logic = CustomerLogic(None, BundleCache(redis_conn, layout, EMPTY_BUNDLE), layout, None)
+    for day in (0, 10, 20):  # a rhythm of 10 days: due to be rescored before day 40
+        logic.on_batch([Accepted(purchase(day, day), wake_message(0))])
+    as_of = logic.customer.as_of_us if logic.customer else None
+    out, _ = logic.on_batch([stale])
+    assert logic.customer is not None and logic.customer.as_of_us == as_of  # not woken
+    assert out == [Registration("c", 40 * DAY_US)]  # the restarted clock fires it again
+    logic.on_batch([fresh])
+    assert logic.customer.as_of_us is not None and logic.customer.as_of_us > as_of
