@@ -1,6 +1,7 @@
 """Benchmark of the scoring API beside a trivial echo service on the same grpc stack.
 
     python -m serving.bench [--seconds 5] [--rate 1000] [--batch-rate 100] [--concurrency 64]
+    python -m serving.bench --soak 300 [--soak-share 0.7]
 
 Starts a private Redis seeded with score documents, then, each in its own child process
 (so the client never shares a GIL with the server), a trivial echo server and the real
@@ -9,6 +10,11 @@ process measures, for each: latency p50/p99 at a fixed request rate, and peak QP
 ``--concurrency`` calls in flight. It prints numbers and asserts nothing.
 Targets (2-core box, client and server on it): GetScore p99 <= 2 ms at 1,000 QPS;
 peak GetScore QPS >= 60% of the echo service's.
+
+``--soak SECONDS`` runs only the scoring server: it measures peak GetScore QPS as above,
+then calls GetScore at ``--soak-share`` of that peak for SECONDS and prints, per 30 s
+window, the achieved QPS, p50/p99, errors by status and the server process's RSS (from
+/proc), then the totals and the RSS growth. It exits 1 when any soak call failed.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent import futures
 
@@ -38,6 +45,7 @@ from serving.auth import entry, new_key
 
 ECHO_METHOD = "/bench.Echo/Echo"
 PREFIX = "bench:"
+SOAK_WINDOW_S = 30.0
 
 Call = Callable[[int], Awaitable[object]]
 
@@ -197,6 +205,129 @@ async def run_clients(args: argparse.Namespace, ports: dict[str, int], key: str,
     return results
 
 
+# -- soak (this process) -------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of process ``pid`` in MiB (VmRSS in /proc), NaN where unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
+@dataclasses.dataclass
+class Window:
+    """Calls completed in one soak window: latencies of the OK ones, errors by status."""
+
+    latencies: list[float] = dataclasses.field(default_factory=list)
+    errors: Counter[str] = dataclasses.field(default_factory=Counter)
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies) + sum(self.errors.values())
+
+
+def describe_errors(errors: Counter[str]) -> str:
+    total = sum(errors.values())
+    if not total:
+        return "errors 0"
+    return f"errors {total} ({', '.join(f'{c} {n}' for c, n in errors.most_common())})"
+
+
+async def soak_rate(call: Call, rate: float, seconds: float, pid: int) -> int:
+    """Calls at ``rate`` for ``seconds`` (open loop: a slow reply delays no later call),
+    printing each window; returns the number of failed calls."""
+    loop = asyncio.get_running_loop()
+    window = Window()
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def one(i: int) -> None:
+        started = time.perf_counter()
+        try:
+            await call(i)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            window.errors[code.name if code is not None else "UNKNOWN"] += 1
+            return
+        window.latencies.append(time.perf_counter() - started)
+
+    def flush(elapsed: float, length: float) -> None:
+        nonlocal window
+        done, window = window, Window()
+        done.latencies.sort()
+        latencies.extend(done.latencies)
+        errors.update(done.errors)
+        print(f"  [{elapsed:5.0f} s] {done.calls / length:7.0f} QPS  "
+              f"p50 {percentile(done.latencies, 0.5) * 1e3:7.2f} ms  "
+              f"p99 {percentile(done.latencies, 0.99) * 1e3:7.2f} ms  "
+              f"{describe_errors(done.errors)}  in flight {len(pending)}  "
+              f"server RSS {rss_mib(pid):6.1f} MiB", flush=True)
+
+    rss_start = rss_mib(pid)
+    total = int(rate * seconds)
+    start = loop.time() + 0.05
+    boundary, last = start + SOAK_WINDOW_S, start
+    rss_first: float | None = None  # after the first window: past the warm-up
+    for i in range(total):
+        due = start + i / rate
+        if due >= boundary:
+            flush(boundary - start, boundary - last)
+            if rss_first is None:
+                rss_first = rss_mib(pid)
+            last, boundary = boundary, boundary + SOAK_WINDOW_S
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    end = loop.time()
+    flush(end - start, end - last)
+    rss_end = rss_mib(pid)
+    latencies.sort()
+    failed = sum(errors.values())
+    print(f"  soak: {total:,} calls in {end - start:.0f} s ({total / (end - start):.0f} QPS, "
+          f"target {rate:.0f}), {describe_errors(errors)} (must be 0), "
+          f"p50 {percentile(latencies, 0.5) * 1e3:.2f} ms, "
+          f"p99 {percentile(latencies, 0.99) * 1e3:.2f} ms", flush=True)
+    print(f"  server RSS: start {rss_start:.1f} MiB, end {rss_end:.1f} MiB, growth "
+          f"{rss_end - rss_start:+.1f} MiB ({(rss_end - rss_start) / rss_start:+.1%})"
+          + ("" if rss_first is None else
+             f"; since the end of the first window {rss_end - rss_first:+.1f} MiB"), flush=True)
+    return failed
+
+
+async def run_soak(args: argparse.Namespace, port: int, pid: int, key: str,
+                   customers: int) -> int:
+    """Peak GetScore QPS, then a soak at ``args.soak_share`` of it; returns failed calls."""
+    metadata = (("authorization", f"Bearer {key}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = scoring_pb2_grpc.ScoringStub(channel)
+        requests = [scoring_pb2.GetScoreRequest(customer_id=f"bench-{n}")
+                    for n in range(customers)]
+
+        def call(i: int) -> Awaitable[object]:
+            return stub.GetScore(requests[i % customers], timeout=5, metadata=metadata)
+
+        for i in range(200):  # warm-up: connections, caches, thread pool
+            await call(i)
+        qps, peak_errors = await peak(call, args.concurrency, args.seconds)
+        rate = args.soak_share * qps
+        print(f"  GetScore peak {qps:.0f} QPS ({args.concurrency} in flight"
+              + (f", errors {peak_errors}" if peak_errors else "")
+              + f"); soak at {args.soak_share:.0%} of it: {rate:.0f} QPS for {args.soak:g} s, "
+              f"windows of {SOAK_WINDOW_S:g} s, server pid {pid}", flush=True)
+        return await soak_rate(call, rate, args.soak, pid)
+
+
 def seed(url: str, customers: int) -> None:
     conn = redis.Redis.from_url(url)
     layout = RedisLayout(PREFIX)
@@ -236,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fixed rate of BatchGetScores(100), calls/s")
     parser.add_argument("--concurrency", type=int, default=64, help="calls in flight at peak")
     parser.add_argument("--customers", type=int, default=10_000)
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="instead: GetScore at --soak-share of peak QPS for SECONDS")
+    parser.add_argument("--soak-share", type=float, default=0.7,
+                        help="share of the measured peak QPS the soak runs at (default 0.7)")
     parser.add_argument("--serve", choices=["echo", "scoring"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -253,12 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         key = new_key()
         env = {"CRMSCORE_REDIS_URL": url, "CRMSCORE_REDIS_PREFIX": PREFIX,
                "CRMSCORE_API_KEYS": entry("reader", key), "CRMSCORE_METRICS_PORT": "0"}
-        ports = {"echo": free_port(), "scoring": free_port()}
+        kinds = ("scoring",) if args.soak else ("echo", "scoring")
+        ports = {kind: free_port() for kind in kinds}
         for kind, port in ports.items():
             children.append(spawn(kind, port, env))
         print(f"serving benchmark: {os.cpu_count()} CPUs, grpcio {grpc.__version__}, "
               f"{args.customers:,} customers, sync grpc server with "
               f"{Settings.from_env(os.environ).grpc_workers} threads, auth on, grpc.aio client")
+        if args.soak:
+            scoring = children[-1]
+            failed = asyncio.run(run_soak(args, ports["scoring"], scoring.pid, key,
+                                          args.customers))
+            return 1 if failed else 0
         results = asyncio.run(run_clients(args, ports, key, args.customers))
         echo, get, _ = results
         print(f"  GetScore p99 at {args.rate:g}/s: {get.p99_ms:.2f} ms (target <= 2 ms); "
