@@ -10,6 +10,11 @@ the work runs on the worker thread that answers the call.
 A wrapped call times itself, counts itself in flight, checks the API key when the method
 needs a role, and maps :class:`~serving.errors.ServingError` to its status; anything
 else becomes INTERNAL with its traceback in the log, never in the reply.
+
+The request decoder is wrapped too: bytes that are not the request message reach the
+wrapped call as :data:`UNDECODABLE`, so such a call is authenticated first, counted, and
+answered INVALID_ARGUMENT. (grpc's own decoder answers INTERNAL before any key is
+checked and logs a traceback per call: a log flood open to anyone.)
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import grpc
 
 from serving.auth import METHOD_ROLES, ApiKeys
-from serving.errors import ServingError
+from serving.errors import InvalidArgument, ServingError
 from serving.metrics import IN_FLIGHT, REQUEST_SECONDS
 
 log = logging.getLogger(__name__)
@@ -74,8 +79,26 @@ class _Generic(grpc.GenericRpcHandler):
         return self._registrar.wrap(details.method, handler)  # type: ignore[no-any-return]
 
 
+UNDECODABLE = object()  # the request of a call whose bytes are not its message
+
+
+def _tolerant(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if decode is None:
+        return None
+
+    def tolerant_decode(raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except Exception:  # protobuf's DecodeError, or a str field that is not UTF-8
+            return UNDECODABLE
+
+    return tolerant_decode
+
+
 def _replace_behavior(handler: Any, wrap: Callable[[Any, bool], Any]) -> Any:
-    """``handler`` with its behavior wrapped (``wrap(behavior, streaming)``)."""
+    """``handler`` with its behavior wrapped (``wrap(behavior, streaming)``) and its request
+    decoder made tolerant."""
+    handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
     if handler.unary_unary:
         return handler._replace(unary_unary=wrap(handler.unary_unary, False))
     if handler.unary_stream:
@@ -83,6 +106,11 @@ def _replace_behavior(handler: Any, wrap: Callable[[Any, bool], Any]) -> Any:
     if handler.stream_unary:
         return handler._replace(stream_unary=wrap(handler.stream_unary, False))
     return handler._replace(stream_stream=wrap(handler.stream_stream, True))
+
+
+def _check_decoded(request: Any) -> None:
+    if request is UNDECODABLE:
+        raise InvalidArgument("the request is not a valid message of this method's type")
 
 
 def _unexpected(method: str, context: grpc.ServicerContext, exc: Exception) -> str:
@@ -113,6 +141,7 @@ def _guarded(
         try:
             if keys is not None:
                 keys.authorize(context.invocation_metadata(), needed)
+            _check_decoded(request)
             response = behavior(request, context)
             set_code = context.code()
             code = "OK" if set_code is None else set_code.name
@@ -134,6 +163,7 @@ def _guarded(
         try:
             if keys is not None:
                 keys.authorize(context.invocation_metadata(), needed)
+            _check_decoded(request)
             yield from behavior(request, context)
             code = "OK" if context.is_active() else "CANCELLED"
         except GeneratorExit:
