@@ -9,6 +9,7 @@ its last snapshot: per-customer state, status counts and Kafka offsets together.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import gc
 import logging
@@ -54,12 +55,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def recovery_config(settings: Settings) -> RecoveryConfig:
-    """The recovery config, creating the recovery partitions if the directory is empty."""
+    """The recovery config, creating the recovery partitions if the directory is empty.
+
+    The processes of a cluster on one host share the directory: a lock file makes one of
+    them create the partitions and the others find them.
+    """
     db_dir = Path(settings.recovery_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
-    if not any(db_dir.glob("*.sqlite3")):
-        init_db_dir(db_dir, settings.recovery_partitions)
-        log.info("initialised %d recovery partitions in %s", settings.recovery_partitions, db_dir)
+    with open(db_dir / ".init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not any(db_dir.glob("*.sqlite3")):
+            init_db_dir(db_dir, settings.recovery_partitions)
+            log.info("initialised %d recovery partitions in %s",
+                     settings.recovery_partitions, db_dir)
     return RecoveryConfig(str(db_dir), backup_interval=timedelta(seconds=settings.backup_interval))
 
 

@@ -21,6 +21,9 @@ from crmscore.layout import RedisLayout
 
 if TYPE_CHECKING:
     from serving.client import ScoringClient
+    from tests.reference import Expected
+
+PARTITIONS = 4  # of the transactions topic the end-to-end tests publish to
 
 
 @dataclass
@@ -229,3 +232,53 @@ def report_fault(fault: str, injected: int, st: dict[str, Any] | None, mismatche
     if path:
         with open(path, "a") as f:
             f.write(row + "\n")
+
+
+def publish(env: FlowEnv, lines: list[bytes], rate: float | None = None) -> None:
+    """Publish ``lines`` to the env's topic (PARTITIONS partitions), keyed by customer."""
+    from crmscore.replay import publish_lines
+    from crmscore.settings import Settings
+
+    settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS=str(PARTITIONS)))
+    published = publish_lines(settings, lines, rate=rate)
+    assert published == len(lines)
+
+
+def check_final_state(env: FlowEnv, conn: redis.Redis, expected: Expected, n_lines: int) -> None:
+    """Counts, every score document's aggregates and the dead letters are what the batch
+    recomputation of the published lines says."""
+    from tests.reference import mismatches
+
+    st = status(conn, env.layout)
+    assert st is not None
+    assert st["events_consumed"] == n_lines
+    assert st["events_applied"] == expected.applied
+    assert st["events_duplicate"] == expected.duplicate
+    assert st["events_rejected"] == expected.rejected
+    assert st["events_consumed"] == (
+        st["events_applied"] + st["events_rejected"] + st["events_duplicate"])
+
+    docs = score_documents(conn, env.layout)
+    assert set(docs) == set(expected.customers)
+    problems = {cid: p for cid in docs
+                if (p := mismatches(docs[cid], expected.customers[cid], expected.clock))}
+    assert problems == {}, f"{len(problems)} customers differ, e.g. {next(iter(problems.items()))}"
+
+    letters = read_topic(env.bootstrap, env.dlq, PARTITIONS)
+    by_source = {}
+    for _, _, _, value in letters:
+        letter = orjson.loads(value)
+        source = letter["source"]
+        by_source[(source["partition"], source["offset"])] = letter
+    assert all(letter["reason"]["code"] and letter["reason"]["message"]
+               for letter in by_source.values())
+    assert sorted(_payload(letter) for letter in by_source.values()) == sorted(
+        expected.rejected_lines)
+
+
+def _payload(letter: dict) -> bytes:
+    import base64
+
+    if letter["payload_encoding"] == "base64":
+        return base64.b64decode(letter["payload"])
+    return letter["payload"].encode()

@@ -20,23 +20,23 @@ import orjson
 import pytest
 import redis
 
-from crmscore.settings import Settings
 from tests.pipeline import (
+    PARTITIONS,
     FlowEnv,
     admin_client,
+    check_final_state,
     kill,
+    publish,
     read_topic,
     report_fault,
     resumes_after,
-    score_documents,
     status,
     wait_for_consumed,
     wait_until_settled,
 )
-from tests.reference import Expected, mismatches, recompute
+from tests.reference import Expected, recompute
 
 pytestmark = [pytest.mark.e2e]
-PARTITIONS = 4
 
 
 @pytest.fixture(scope="module")
@@ -54,50 +54,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[bytes], Expe
     assert 15_000 <= len(lines) <= 40_000, len(lines)
     assert len(malformed) >= 0.01 * len(lines)
     return lines, recompute(lines, malformed)
-
-
-def publish(env: FlowEnv, lines: list[bytes], rate: float | None = None) -> None:
-    from crmscore.replay import publish_lines
-
-    settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS=str(PARTITIONS)))
-    published = publish_lines(settings, lines, rate=rate)
-    assert published == len(lines)
-
-
-def check_final_state(env: FlowEnv, conn: redis.Redis, expected: Expected, n_lines: int) -> None:
-    st = status(conn, env.layout)
-    assert st is not None
-    assert st["events_consumed"] == n_lines
-    assert st["events_applied"] == expected.applied
-    assert st["events_duplicate"] == expected.duplicate
-    assert st["events_rejected"] == expected.rejected
-    assert st["events_consumed"] == (
-        st["events_applied"] + st["events_rejected"] + st["events_duplicate"])
-
-    docs = score_documents(conn, env.layout)
-    assert set(docs) == set(expected.customers)
-    problems = {cid: p for cid in docs
-                if (p := mismatches(docs[cid], expected.customers[cid], expected.clock))}
-    assert problems == {}, f"{len(problems)} customers differ, e.g. {next(iter(problems.items()))}"
-
-    letters = read_topic(env.bootstrap, env.dlq, PARTITIONS)
-    by_source = {}
-    for _, _, _, value in letters:
-        letter = orjson.loads(value)
-        source = letter["source"]
-        by_source[(source["partition"], source["offset"])] = letter
-    assert all(letter["reason"]["code"] and letter["reason"]["message"]
-               for letter in by_source.values())
-    assert sorted(_payload(letter) for letter in by_source.values()) == sorted(
-        expected.rejected_lines)
-
-
-def _payload(letter: dict) -> bytes:
-    import base64
-
-    if letter["payload_encoding"] == "base64":
-        return base64.b64decode(letter["payload"])
-    return letter["payload"].encode()
 
 
 def test_flow_matches_recomputation(broker, redis_url, unique, tmp_path, dataset):
