@@ -49,6 +49,7 @@ from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
 from flows.timers import (
+    BUCKET_US,
     OpenBuckets,
     Registration,
     TimerBucketLogic,
@@ -241,7 +242,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
     wake-up registrations (due ones fire at once) and ticks the timer buckets."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
-        self.totals, hours = (Counts(), []) if resume is None else pickle.loads(resume)
+        self.totals, hours = (Counts(), []) if resume is None else _clock_state(resume)
         self.buckets = OpenBuckets(hours)
         self.layout = layout
         # When to write the status again without new counts: at once when resumed (Redis
@@ -288,6 +289,18 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
 
     def snapshot(self) -> bytes:
         return pickle.dumps((self.totals, self.buckets.hours()))
+
+
+def _clock_state(resume: bytes) -> tuple[Counts, list[int]]:
+    """The clock's snapshot: totals and open hours. A snapshot from before open hours were
+    kept holds totals only: then every hour of the next ~2 years may hold registrations
+    (the farthest a customer registers ahead), as the clock used to assume."""
+    state = pickle.loads(resume)
+    if isinstance(state, Counts):
+        now = (state.clock_us or 0) // BUCKET_US
+        return state, list(range(now, now + 800 * 24))
+    totals, hours = state
+    return totals, hours
 
 
 class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDoc, bytes]):
@@ -371,8 +384,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     with redis_client(settings) as client:
         rewrite = claim_store(client, layout) or rewrite_store
     if rewrite:
-        log.warning("Redis does not hold this flow's marker key: resumed customers "
-                    "rewrite their score documents")
+        log.warning("Redis holds no marker of this flow (a first start, or Redis lost its "
+                    "data): customers resumed from a snapshot rewrite their documents")
 
     flow = Dataflow("crmscore")
     kafka = kop.input(

@@ -161,3 +161,14 @@ def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_proce
     assert out == [Registration("c", 40 * DAY_US)]  # the restarted clock fires it again
     logic.on_batch([fresh])
     assert logic.customer.as_of_us is not None and logic.customer.as_of_us > as_of
+
+
+def test_a_clock_snapshot_without_open_hours_still_ticks_the_next_hours():
+    from crmscore.layout import RedisLayout
+
+    older = pickle.dumps(Counts(applied=1, clock_us=100 * BUCKET_US + 5))  # totals only
+    clock = ClockLogic(older, RedisLayout("t:"))
+    out, _ = clock.on_batch([Counts(applied=1, clock_us=103 * BUCKET_US)])
+    ticked = [o[0] for o in out if isinstance(o, tuple) and isinstance(o[-1], Tick)]
+    assert ticked == ["100", "101", "102"]
+    assert clock.totals.applied == 2
