@@ -18,8 +18,8 @@ customer was scored: a crash or a replay at another speed can decide differently
 ``CRMSCORE_MODEL_UPDATES=frozen`` removes that: every process scores with the bundle
 found in Redis when it starts (the cold-start priors if none), and the models step keeps
 learning but publishes its bundle as ``{prefix}models:candidate``. Scores and alerts no
-longer depend on when a bundle arrived (they still can on how wake-ups and events
-interleave after a crash: docs/design.md, "Known gap"). Campaign periods want this too
+longer depend on when a bundle arrived (they still can on disordered events:
+docs/design.md, "Known gap: disorder"). Campaign periods want this too
 (the uplift of an alert is measured under one model). ``crmscore models promote`` makes
 the candidate the served bundle; frozen processes take it at their next start.
 
