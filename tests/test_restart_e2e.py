@@ -128,7 +128,8 @@ def test_sigkill_and_restart_publish_no_new_alert_ids(broker, redis_url, unique,
 
     # 3. Killed three times at random moments of the stream, restarted each time.
     seed = int(os.environ.get("CRMSCORE_FAULT_SEED", random.randrange(10**6)))
-    shares = sorted(random.Random(seed).uniform(0.05, 0.95) for _ in range(3))
+    rng = random.Random(seed)
+    shares = sorted(rng.uniform(0.05, 0.95) for _ in range(3))
     print(f"kills at {[round(s, 3) for s in shares]} of the stream (CRMSCORE_FAULT_SEED={seed})")
     proc = crashed.start_flow(**frozen)
     recoveries = []
