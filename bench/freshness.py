@@ -1,0 +1,248 @@
+"""Freshness: from an event's publication to its score being visible through gRPC.
+
+On the private broker and Redis, ``crmscore flow`` (tail mode, recovery on, as
+deployed) and ``crmscore serve`` (auth off) run as child processes. Every customer of
+the run first gets one purchase (warm-up: no customer is new while measuring, and the
+flow is past its start). WatchCustomer streams then open on a sample of customers, and
+purchases (occurred_at = now) go to customers drawn at random, at a fixed rate for a
+fixed time. A watched customer's k-th purchase is timed from just before it is handed
+to the producer until its watch yields a score document with purchase_count >= k.
+
+Samples still unseen when the run ends (the flow fell behind) count as slower than
+the wait, so they raise the percentiles instead of vanishing from them. The consumer
+lag (events published minus the status document's events_consumed) is reported at
+the end of publishing and after the wait.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import orjson
+
+from bench.processes import Pipeline, Stack, wait_until
+from crmscore.embedded import free_port, port_open
+from crmscore.replay import TokenBucket, publish_lines
+from serving.bench import percentile
+from serving.client import ScoringClient, stream
+
+TARGET_P99_MS = 50.0
+TARGET_RATE = 1000.0  # the rate the p99 target is set at
+
+
+class Samples:
+    """Produce times of the watched customers' purchases, matched to their watches."""
+
+    def __init__(self, watched: list[str]) -> None:
+        self._lock = threading.Lock()
+        self._sent: dict[str, dict[int, float]] = {c: {} for c in watched}
+        self.latencies_s: list[float] = []
+        self.first_doc = {c: threading.Event() for c in watched}
+        self.watch_errors: Counter[str] = Counter()
+
+    def sent(self, customer_id: str, purchase_count: int, at: float) -> None:
+        with self._lock:
+            self._sent[customer_id][purchase_count] = at
+
+    def seen(self, customer_id: str, purchase_count: int, at: float) -> None:
+        with self._lock:
+            sent = self._sent[customer_id]
+            for k in [k for k in sent if k <= purchase_count]:
+                self.latencies_s.append(at - sent.pop(k))
+        self.first_doc[customer_id].set()
+
+    def unseen(self) -> int:
+        with self._lock:
+            return sum(len(s) for s in self._sent.values())
+
+    def watch_failed(self, code: str) -> None:
+        with self._lock:
+            self.watch_errors[code] += 1
+
+    def result(self) -> tuple[list[float], int]:
+        """The latencies so far, sorted, and how many samples are still unseen."""
+        with self._lock:
+            return sorted(self.latencies_s), sum(len(s) for s in self._sent.values())
+
+
+def purchase(event_id: str, customer_id: str) -> bytes:
+    return orjson.dumps({
+        "event_id": event_id, "customer_id": customer_id,
+        "occurred_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "type": "purchase", "amount": 25.0, "currency": "EUR", "channel": "web",
+    })
+
+
+@dataclass(frozen=True)
+class Freshness:
+    rate: float
+    seconds: float
+    customers: int
+    watched: int
+    published: int  # the measured purchases, warm-up not included
+    achieved_rate: float
+    expected: int  # purchases of watched customers
+    latencies_s: list[float]  # sorted; unseen ones excluded
+    waited_s: float  # after publishing, for the last samples
+    lag_at_end: int  # events published but not consumed when publishing ended
+    lag_after_wait: int
+    consumed_rate: float  # events/s the flow consumed while publishing
+    watch_errors: dict[str, int]
+
+    @property
+    def unseen(self) -> int:
+        return self.expected - len(self.latencies_s)
+
+    def percentile_ms(self, q: float) -> float:
+        """Percentile over every expected sample, unseen ones as infinitely late."""
+        with_unseen = self.latencies_s + [math.inf] * self.unseen
+        return percentile(with_unseen, q) * 1e3
+
+    @property
+    def kept_up(self) -> bool:
+        return self.lag_at_end <= self.rate  # less than a second of input behind
+
+    def ms(self, q: float) -> str:
+        value = self.percentile_ms(q)
+        return f"> {self.waited_s * 1e3:,.0f} (unseen)" if math.isinf(value) else f"{value:,.1f}"
+
+    @property
+    def target(self) -> tuple[str, str]:
+        """The p99 target and whether it is met, for the rate it is set at."""
+        if self.rate != TARGET_RATE:
+            return "", ""
+        met = self.percentile_ms(0.99) <= TARGET_P99_MS
+        return f"≤ {TARGET_P99_MS:g} ms", "met" if met else "**not met**"
+
+    def summary(self) -> list[str]:
+        target, met = self.target
+        return [f"| freshness p99 at {self.rate:,.0f} events/s "
+                f"({'kept up' if self.kept_up else 'the flow fell behind'}) "
+                f"| **{self.ms(0.99)}** ms | {target} | {met} |"]
+
+    def row(self) -> str:
+        target, met = self.target
+        return (f"| {self.rate:,.0f} | {self.achieved_rate:,.0f} | {self.consumed_rate:,.0f} | "
+                f"{len(self.latencies_s):,} of {self.expected:,} | {self.ms(0.5)} | "
+                f"{self.ms(0.99)} | {self.lag_at_end:,} / {self.lag_after_wait:,} | "
+                f"{target}{': ' + met if met else ''} |")
+
+    def note(self) -> str:
+        errors = (f"; watch errors: {dict(self.watch_errors)}" if self.watch_errors else "")
+        if self.kept_up:
+            return f"- {self.rate:,.0f}/s: the flow kept up{errors}."
+        behind = self.lag_at_end / max(self.consumed_rate, 1.0)
+        return (f"- {self.rate:,.0f}/s: **the flow did not keep up**: it consumed "
+                f"{self.consumed_rate:,.0f} events/s and was {self.lag_at_end:,} events "
+                f"(~{behind:,.0f} s of its work) behind when publishing ended; "
+                f"{self.unseen:,} samples were still unseen after waiting "
+                f"{self.waited_s:.0f} s{errors}.")
+
+
+def markdown(results: list[Freshness]) -> list[str]:
+    first = results[0]
+    return [
+        f"`crmscore flow` (tail mode, recovery on) and `crmscore serve` (auth off) as child "
+        f"processes; {first.customers:,} customers, one warm-up purchase each, then "
+        f"{first.seconds:g} s of purchases at each rate to random customers; "
+        f"{first.watched} of them watched through WatchCustomer.",
+        "",
+        "| target rate (events/s) | published/s | flow consumed/s | samples seen | p50 ms "
+        "| p99 ms | lag at end of publishing / after wait (events) | target p99 |",
+        "|---|---|---|---|---|---|---|---|",
+        *(r.row() for r in results),
+        "",
+        *(r.note() for r in results),
+    ]
+
+
+def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: int,
+            max_wait_s: float) -> Freshness:
+    pipeline = Pipeline(stack, f"fresh{rate:.0f}")
+    settings = pipeline.settings()
+    flow = pipeline.start("flow")
+    port = free_port()
+    server = pipeline.start(
+        "serve", CRMSCORE_GRPC_ADDRESS=f"127.0.0.1:{port}", CRMSCORE_AUTH="off",
+        CRMSCORE_METRICS_PORT="0", CRMSCORE_MAX_WATCHERS=str(watched),
+        CRMSCORE_GRPC_WORKERS=str(watched + 32),  # each open watch holds a server thread
+    )
+    ids = [f"f-{n:05d}" for n in range(customers)]
+    rng = random.Random(11)
+    samples = Samples(rng.sample(ids, watched))
+    calls: list[Any] = []
+    try:
+        publish_lines(settings, (purchase(f"w-{c}", c) for c in ids))
+        wait_until(lambda: pipeline.events_consumed() >= customers, 300,
+                   "the flow consuming the warm-up purchases", flow)
+        wait_until(lambda: port_open("127.0.0.1", port), 60, "crmscore serve listening", server)
+        with ScoringClient(f"127.0.0.1:{port}") as client:
+            for customer_id in samples.first_doc:
+                calls.append(_watch(client, customer_id, samples))
+            wait_until(lambda: all(e.is_set() for e in samples.first_doc.values()), 60,
+                       "every watch's first score document", server)
+
+            counts = dict.fromkeys(ids, 1)  # the warm-up purchase
+            total = int(rate * seconds)
+            consumed_before = pipeline.events_consumed()
+            started = time.monotonic()
+            publish_lines(settings, _paced(ids, counts, total, rate, rng, samples))
+            published_s = time.monotonic() - started
+            consumed_at_end = pipeline.events_consumed()
+            waited_from = time.monotonic()
+            deadline = waited_from + max_wait_s
+            while samples.unseen() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            waited_s = time.monotonic() - waited_from
+            consumed_after = pipeline.events_consumed()
+            latencies_s, unseen = samples.result()
+    finally:
+        for call in calls:
+            call.cancel()
+        server.stop()
+        flow.stop()
+    published_all = customers + total
+    return Freshness(
+        rate, seconds, customers, watched, total, total / published_s,
+        len(latencies_s) + unseen, latencies_s, waited_s,
+        published_all - consumed_at_end, published_all - consumed_after,
+        (consumed_at_end - consumed_before) / published_s, dict(samples.watch_errors),
+    )
+
+
+def _paced(ids: list[str], counts: dict[str, int], total: int, rate: float,
+           rng: random.Random, samples: Samples) -> Iterator[bytes]:
+    """``total`` purchases at ``rate``, noting the produce time of the watched ones."""
+    bucket = TokenBucket(rate)
+    watched = samples.first_doc
+    for n in range(total):
+        customer_id = ids[rng.randrange(len(ids))]
+        counts[customer_id] += 1
+        line = purchase(f"p-{n}", customer_id)
+        bucket.take()
+        if customer_id in watched:
+            samples.sent(customer_id, counts[customer_id], time.monotonic())
+        yield line
+
+
+def _watch(client: ScoringClient, customer_id: str, samples: Samples) -> Any:
+    call = client.watch(customer_id)
+
+    def follow() -> None:
+        try:
+            for score in stream(call):
+                samples.seen(customer_id, score.purchase_count, time.monotonic())
+        except grpc.RpcError as exc:
+            samples.watch_failed(str(exc.code()))
+
+    threading.Thread(target=follow, name=f"watch-{customer_id}", daemon=True).start()
+    return call

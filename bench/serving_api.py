@@ -1,0 +1,71 @@
+"""Serving: GetScore and BatchGetScores latency at a fixed rate and peak QPS beside an
+echo service on the same grpc stack.
+
+Runs ``python -m serving.bench --seconds S`` (serving/bench.py: a private Redis seeded
+with score documents, the servers in child processes, a grpc.aio client) as a child
+process, quotes its table and reads its summary line.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.processes import BenchError
+
+TARGET_P99_MS = 2.0
+TARGET_PEAK_SHARE = 0.6
+_SUMMARY = re.compile(r"GetScore p99 at (?P<rate>[\d.]+)/s: (?P<p99>[\d.]+|nan) ms.*"
+                      r"peak GetScore / echo: (?P<share>\d+)%")
+
+
+@dataclass(frozen=True)
+class Serving:
+    seconds: float
+    output: str
+    rate: float
+    p99_ms: float
+    peak_share: float
+
+    @property
+    def p99_met(self) -> str:
+        return "met" if self.p99_ms <= TARGET_P99_MS else "**not met**"
+
+    @property
+    def share_met(self) -> str:
+        return "met" if self.peak_share >= TARGET_PEAK_SHARE else "**not met**"
+
+    def summary(self) -> list[str]:
+        return [
+            f"| GetScore p99 at {self.rate:,.0f} QPS | **{self.p99_ms:.2f} ms** "
+            f"| ≤ {TARGET_P99_MS:g} ms | {self.p99_met} |",
+            f"| peak GetScore QPS / echo | **{self.peak_share:.0%}** "
+            f"| ≥ {TARGET_PEAK_SHARE:.0%} | {self.share_met} |",
+        ]
+
+    def markdown(self) -> list[str]:
+        return [
+            f"`python -m serving.bench --seconds {self.seconds:g}`; its output:",
+            "", "```", self.output.rstrip(), "```", "",
+            f"GetScore p99 at {self.rate:,.0f} QPS: **{self.p99_ms:.2f} ms** "
+            f"(target ≤ {TARGET_P99_MS:g} ms: {self.p99_met}); peak GetScore QPS / echo: "
+            f"**{self.peak_share:.0%}** (target ≥ {TARGET_PEAK_SHARE:.0%}: {self.share_met}).",
+        ]
+
+
+def measure(seconds: float, workdir: Path) -> Serving:
+    log = workdir / "serving-bench.log"
+    with open(log, "wb") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "serving.bench", "--seconds", str(seconds)],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+    summary = _SUMMARY.search(done.stdout)
+    if done.returncode != 0 or summary is None:
+        raise BenchError(f"serving.bench exited with {done.returncode}:\n{done.stdout}\n"
+                         f"{log.read_text(errors='replace')[-3000:]}")
+    return Serving(seconds, done.stdout, float(summary["rate"]), float(summary["p99"]),
+                   int(summary["share"]) / 100)
