@@ -87,6 +87,10 @@ class Settings:
     alert_rules: str = _setting(
         "", "alert rules file (TOML); empty: the packaged crmscore/alert_rules.toml"
     )
+    churn_models: str = _setting(
+        "logreg", "churn model families learned beside BG/NBD, champion/challenger "
+        "(comma-separated: logreg, tree); a resumed flow switches to this lineup"
+    )
     btyd_refit_days: float = _setting(
         7.0, "days of event time between BG/NBD + Gamma-Gamma refits (in the background)"
     )

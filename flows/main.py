@@ -27,6 +27,7 @@ from crmscore.settings import Settings
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
 from flows.scoring import build_flow
 from models.alert_rules import AlertRulesError
+from models.churn import ChurnModelsError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "dlq_topic", "alerts_topic", "timers_topic", "topic_partitions", "recovery_dir",
         "recovery_partitions", "snapshot_interval", "backup_interval", "lateness_days",
         "max_future_seconds", "churn_horizon_days", "clv_horizon_days", "alert_rules",
+        "churn_models",
     )
     parser.add_argument("--until-end", action="store_true",
                         help="stop at the end of the topic instead of waiting for new events")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         flow = build_flow(settings, tail=not args.until_end,
                           on_lost=functools.partial(restart_on_store_lost, settings),
                           rewrite_store=args.rewrite_store)
-    except (AlertRulesError, ModelRegistryError) as exc:
+    except (AlertRulesError, ModelRegistryError, ChurnModelsError) as exc:
         log.error("%s", exc)
         return 2
     ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,

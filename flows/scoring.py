@@ -59,7 +59,7 @@ from flows.timers import (
 )
 from models.alert_rules import AlertRules, load_rules
 from models.alerts import Alert
-from models.churn import LabeledExample
+from models.churn import LabeledExample, make_models
 from models.customer import APPLIED, DUPLICATE
 from models.outcomes import Outcome
 from models.population import Population
@@ -309,9 +309,13 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
     ``frozen`` model updates the bundle is published as the candidate, not served."""
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
-                 publish_seconds: float, refit_days: float, frozen: bool) -> None:
-        self.population: Population = (Population(config, refit_days=refit_days)
-                                       if resume is None else pickle.loads(resume))
+                 publish_seconds: float, refit_days: float, frozen: bool,
+                 challengers: str) -> None:
+        if resume is None:
+            self.population = Population(config, refit_days=refit_days, challengers=challengers)
+        else:
+            self.population = pickle.loads(resume)
+            self.population.use_challengers(challengers)
         self.layout = layout
         self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
         self.frozen = frozen
@@ -380,6 +384,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     timers_topic = settings.timers_topic
     started_ms = time.time_ns() // 1_000_000  # wake-ups written before are stale
     rules = load_rules(settings.alert_rules or None)  # a bad file stops the start here
+    make_models(settings.churn_models)  # so does an unknown model family
     bundles = shared_cache(settings, ModelBundle(config=config))  # frozen: read here, once
     with redis_client(settings) as client:
         rewrite = claim_store(client, layout) or rewrite_store
@@ -447,7 +452,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     models: Stream[tuple[str, VersionedDoc]] = op.stateful_batch(
         "models", op.key_on("models_key", learning, lambda _: "models"),
         lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
-                                   settings.btyd_refit_days, bundles.frozen),
+                                   settings.btyd_refit_days, bundles.frozen,
+                                   settings.churn_models),
     )
     docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models),
                     op.key_rm("drop_alert_report_key", alert_report))

@@ -112,6 +112,24 @@ class ChurnArena:
         self.evaluations = 0
         self.promotions: deque[dict[str, Any]] = deque(maxlen=PROMOTION_LOG_LEN)
 
+    def use_lineup(self, models: Mapping[str, ChurnModel]) -> None:
+        """Compete with the models named in ``models``: those already here keep what they
+        learned, new ones start fresh, the others leave. A champion that leaves hands over
+        to the prior's model (BG/NBD) if present, else to the first, as a new version."""
+        kept = {name: self.models.get(name, model) for name, model in models.items()}
+        if not kept:
+            raise ValueError("ChurnArena: expected at least one model")
+        cfg = self.config
+        for name in kept.keys() - self.metrics.keys():
+            self.metrics[name] = DelayedLabelMetrics(cfg.half_life, cfg.snapshot_every,
+                                                     cfg.history_len)
+        self.models = kept
+        self.metrics = {name: self.metrics[name] for name in kept}
+        self.streaks = {name: self.streaks.get(name, 0) for name in kept}
+        if self.champion not in kept:
+            self.champion = cfg.prior_name if cfg.prior_name in kept else next(iter(kept))
+            self.generation += 1
+
     @property
     def model_version(self) -> str:
         return f"{self.champion}@v{self.generation}"

@@ -30,7 +30,13 @@ import numpy as np
 
 from models.arena import ArenaConfig, ChurnArena
 from models.btyd import FitError, PopulationModel, fit_population
-from models.churn import BgNbdChurnModel, ChurnModel, LabeledExample, default_models
+from models.churn import (
+    DEFAULT_CHALLENGERS,
+    BgNbdChurnModel,
+    ChurnModel,
+    LabeledExample,
+    make_models,
+)
 from models.quantiles import DEFAULT_K, PopulationQuantiles
 from models.scoring import ModelBundle, PopulationRow, ScoringConfig
 from models.transaction import DAY_US, format_time
@@ -44,12 +50,11 @@ class Population:
     """Churn arena, population sample and BTYD fits. Picklable (the fit thread is not kept)."""
 
     def __init__(self, config: ScoringConfig | None = None, arena: ChurnArena | None = None,
-                 k: int = DEFAULT_K, refit_days: float = 7.0) -> None:
+                 k: int = DEFAULT_K, refit_days: float = 7.0,
+                 challengers: str = DEFAULT_CHALLENGERS) -> None:
         self.config = config or ScoringConfig()
         if arena is None:
-            models: dict[str, ChurnModel] = {
-                **default_models(), "bgnbd": BgNbdChurnModel(self.config.churn_horizon_days)}
-            arena = ChurnArena(models, ArenaConfig())
+            arena = ChurnArena(self._lineup(challengers), ArenaConfig())
         self.arena = arena
         self.quantiles = PopulationQuantiles(k)
         self.btyd_rows: dict[int, tuple[int, int, int, float]] = {}  # hash -> first, last, n, net
@@ -69,6 +74,17 @@ class Population:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+
+    def _lineup(self, challengers: str) -> dict[str, ChurnModel]:
+        return {**make_models(challengers),
+                "bgnbd": BgNbdChurnModel(self.config.churn_horizon_days)}
+
+    def use_challengers(self, challengers: str) -> None:
+        """Switch a resumed population to this lineup (CRMSCORE_CHURN_MODELS changed)."""
+        lineup = self._lineup(challengers)
+        if list(lineup) != list(self.arena.models):
+            self.arena.use_lineup(lineup)
+            self.version += 1
 
     # -- learning -------------------------------------------------------------------------
 

@@ -184,3 +184,33 @@ def test_config_and_champion_are_checked() -> None:
         ChurnArena({"a": FeatureModel("a", "a")}, champion="x")
     with pytest.raises(ValueError, match="patience"):
         ArenaConfig(patience=0)
+
+
+def test_a_new_lineup_keeps_what_stayed_adds_fresh_models_and_replaces_a_leaving_champion():
+    arena = ChurnArena({"a": FeatureModel("a", "x1"), "b": FeatureModel("b", "x2")},
+                       ArenaConfig(min_labels=100, prior_name="b"))
+    feed(arena, 300, seed=1, noise={"x1": 0.5, "x2": 1.0})
+    assert arena.champion == "a"
+    opened = arena.open({"x1": 0.0, "x2": 0.0}, opened_at_us=1000 * DAY_US)
+    kept = arena.models["b"]
+    arena.use_lineup({"b": FeatureModel("b", "x2"), "c": FeatureModel("c", "x3")})
+    assert list(arena.models) == ["b", "c"] and arena.models["b"] is kept  # b keeps learning
+    assert arena.metrics["b"].labels == 300 and arena.metrics["c"].labels == 0
+    assert arena.champion == "b" and arena.model_version == "b@v2"  # a left: the prior's model
+    arena.learn(mature_on_purchase(opened, 1001 * DAY_US))  # opened before c joined:
+    assert arena.metrics["c"].labels == 0 and arena.models["c"].learned == 1  # learnt, unscored
+    assert arena.metrics["b"].labels == 301
+
+
+def test_the_population_switches_to_the_configured_challengers_when_resumed():
+    from models.churn import ChurnModelsError
+    from models.population import Population
+
+    population = Population(challengers="logreg,tree")
+    assert list(population.arena.models) == ["logreg", "tree", "bgnbd"]
+    resumed = pickle.loads(pickle.dumps(population))
+    version = resumed.version
+    resumed.use_challengers("logreg")
+    assert list(resumed.arena.models) == ["logreg", "bgnbd"] and resumed.version > version
+    with pytest.raises(ChurnModelsError, match="unknown family 'forest'"):
+        Population(challengers="forest")
