@@ -13,6 +13,7 @@ data, and ``on_lost`` is called (flows/store_marker.py).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -75,7 +76,7 @@ class RedisDocSink(DynamicSink[VersionedDoc]):
 class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
     def __init__(self, client: redis.Redis, marker: str, on_lost: OnLost) -> None:
         self._client = client
-        self._script = client.register_script(WRITE_IF_NEWER)
+        self._sha = hashlib.sha1(WRITE_IF_NEWER.encode()).hexdigest()
         self._marker = marker
         self._on_lost = on_lost
 
@@ -97,6 +98,17 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
 
     def _write(self, docs: list[VersionedDoc]) -> None:
+        try:
+            marker_exists = self._write_once(docs)
+        except redis.exceptions.NoScriptError:  # a new or restarted Redis: load it, redo
+            self._client.script_load(WRITE_IF_NEWER)
+            marker_exists = self._write_once(docs)  # compare-and-set: a redo is harmless
+        if not marker_exists:
+            self._on_lost(self._marker)
+
+    def _write_once(self, docs: list[VersionedDoc]) -> bool:
+        """One round trip: the marker check and the scripts, by SHA (redis-py's Script
+        objects would ask SCRIPT EXISTS first, a second round trip per batch)."""
         pipe = self._client.pipeline(transaction=False)
         pipe.exists(self._marker)
         for start in range(0, len(docs), _CHUNK):
@@ -104,10 +116,9 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
             args: list[Any] = []
             for d in chunk:
                 args += (d.version, d.doc, d.channel)
-            self._script(keys=[d.key for d in chunk], args=args, client=pipe)
+            pipe.evalsha(self._sha, len(chunk), *(d.key for d in chunk), *args)
         marker_exists, *_ = pipe.execute()
-        if not marker_exists:
-            self._on_lost(self._marker)
+        return bool(marker_exists)
 
     def close(self) -> None:
         self._client.close()
