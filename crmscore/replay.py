@@ -155,6 +155,9 @@ def _produce(
             return
         except BufferError:
             kafka.poll(0.05)
+        except KafkaException as exc:  # e.g. an event over the producer's message size
+            raise ReplayError(f"cannot publish an event of {len(value):,} bytes "
+                              f"(key {key!r:.60}): {exc}") from exc
 
 
 # --- reading files -------------------------------------------------------------------

@@ -147,10 +147,16 @@ def kafka_error(err: KafkaError[bytes | None, bytes | None]) -> Refused:
     return Refused(Rejection("kafka_error", f"consumer error: {err.err}"), err.msg)
 
 
+# A dead letter's Kafka key: the refused message's, cut to this length so that a huge key
+# cannot make the letter too big to write (its source partition and offset name it).
+MAX_LETTER_KEY_BYTES = 1024
+
+
 def to_dead_letter(refused: Refused) -> tuple[bytes | None, bytes]:
     m = refused.msg
-    return m.key, dead_letter(refused.rejection, m.topic or "", m.partition or 0,
-                              m.offset if m.offset is not None else -1, m.value)
+    key = None if m.key is None else m.key[:MAX_LETTER_KEY_BYTES]
+    return key, dead_letter(refused.rejection, m.topic or "", m.partition or 0,
+                            m.offset if m.offset is not None else -1, m.value)
 
 
 

@@ -52,7 +52,6 @@ import hypothesis_jsonschema._from_schema as hypothesis_jsonschema_impl
 import orjson
 import pytest
 import redis
-from confluent_kafka import KafkaException
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.internal.conjecture import utils as conjecture_utils
@@ -60,9 +59,10 @@ from hypothesis_jsonschema import from_schema
 
 import schemas
 from crmscore.clients import producer
-from crmscore.replay import customer_key, publish_lines
+from crmscore.replay import ReplayError, customer_key, publish_lines
 from crmscore.settings import Settings
 from flows.dead_letters import dead_letter
+from flows.scoring import MAX_LETTER_KEY_BYTES
 from models.scoring import STEP_BITS
 from models.transaction import (
     MICROS,
@@ -107,6 +107,7 @@ class Case:
     raw: bytes
     outcome: str  # APPLIED, DUPLICATE or the rejection code
     effect: tuple[str, bool, int] | None = None  # (customer_id, is_refund, amount_micros)
+    key: bytes | None = None  # the Kafka key, when not the customer id
 
 
 def event(event_id: str, customer_id: str, day: int, amount: Any, kind: str = "purchase",
@@ -323,6 +324,9 @@ def over_one_megabyte() -> list[Case]:
         bad("800 kB of invalid UTF-8", b"\xff" * 800_000, "not_json"),
         good("1.03 MB valid event, under the flow's 1 MiB limit",
              event("big-1", "big", 6, 11, padding=padding)),
+        # a letter keeps the refused message's key: cut, or it would be too big to write
+        Case("not JSON under a 900 kB Kafka key", b"not JSON, huge key", "not_json",
+             key=b"k" * 900_000),
     ]
 
 
@@ -360,7 +364,7 @@ def schema_sample(n: int = 300) -> list[Case]:
 def publish(env: FlowEnv, cases: list[Case]) -> Settings:
     """Publish through crmscore's own publisher; the 1.1 MB event must be refused there."""
     flow_settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS=str(PARTITIONS)))
-    with pytest.raises(KafkaException, match="MSG_SIZE_TOO_LARGE"):
+    with pytest.raises(ReplayError, match="MSG_SIZE_TOO_LARGE"):
         publish_lines(flow_settings, [dumps(with_(padding="p" * 1_100_000))])
     assert publish_lines(flow_settings, [c.raw for c in cases]) == len(cases)
     return flow_settings
@@ -371,7 +375,8 @@ def publish_unlimited(flow_settings: Settings, cases: list[Case]) -> None:
     kafka = producer(flow_settings, **{"message.max.bytes": "8000000"})
     errors: list[Any] = []
     for case in cases:
-        kafka.produce(flow_settings.transactions_topic, case.raw, customer_key(case.raw),
+        kafka.produce(flow_settings.transactions_topic, case.raw,
+                      case.key or customer_key(case.raw),
                       on_delivery=lambda err, _msg: errors.append(err) if err else None)
     assert kafka.flush(60) == 0
     assert errors == [], "tansu refused an over-1 MB message: update the docstring"
@@ -414,8 +419,9 @@ def test_hostile_input_is_dead_lettered_and_good_events_applied_once(
 
     conn = redis.Redis.from_url(redis_url)
     # Every refused event is in the DLQ exactly once, with the expected reason.
-    letters = [orjson.loads(value) for *_, value in read_topic(env.bootstrap, env.dlq,
-                                                               PARTITIONS)]
+    messages = read_topic(env.bootstrap, env.dlq, PARTITIONS)
+    assert max(len(key or b"") for *_, key, _ in messages) <= MAX_LETTER_KEY_BYTES
+    letters = [orjson.loads(value) for *_, value in messages]
     letters_by_digest = defaultdict(list)
     for letter in letters:
         letters_by_digest[letter_digest(letter)].append(letter)
