@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, TypeGuard
 
 import bytewax.operators as op
 import orjson
@@ -43,14 +43,13 @@ from crmscore.clients import CONSUMER_DEFAULTS, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
+from flows.clock import ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
 from flows.timers import (
-    BUCKET_US,
-    OpenBuckets,
     Registration,
     TimerBucketLogic,
     Wake,
@@ -82,9 +81,6 @@ log = logging.getLogger(__name__)
 
 Message = KafkaSourceMessage[bytes | None, bytes | None]
 FIT_POLL = timedelta(seconds=1)  # how often an idle models step checks a background fit
-# How often an idle flow writes its status anyway: the write that notices, within this
-# delay, that Redis lost the flow's data (flows/store_marker.py).
-STATUS_HEARTBEAT = timedelta(seconds=5)
 
 
 @dataclass(slots=True)
@@ -97,26 +93,6 @@ class Accepted:
 class Refused:
     rejection: Rejection
     msg: Message
-
-
-class Counts(NamedTuple):
-    """Outcome counts of some messages, and the newest event time among those applied."""
-
-    applied: int = 0
-    duplicate: int = 0
-    rejected: int = 0
-    clock_us: int | None = None
-
-
-def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
-    applied, duplicate, rejected, clock = start or Counts()
-    for c in batch:
-        applied += c.applied
-        duplicate += c.duplicate
-        rejected += c.rejected
-        if c.clock_us is not None and (clock is None or c.clock_us > clock):
-            clock = c.clock_us
-    return Counts(applied, duplicate, rejected, clock)
 
 
 def parse(msg: Message, max_future_us: int, timers_topic: str,
@@ -241,72 +217,6 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
     def snapshot(self) -> bytes:
         # Pickled bytes are an immutable copy, cheaper than bytewax's deepcopy.
         return pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
-    """Sums outcome counts into the pipeline status; keeps the stream clock; routes
-    wake-up registrations (due ones fire at once) and ticks the timer buckets."""
-
-    def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
-        self.totals, hours = (Counts(), []) if resume is None else _clock_state(resume)
-        self.buckets = OpenBuckets(hours)
-        self.layout = layout
-        # When to write the status again without new counts: at once when resumed (Redis
-        # may hold an older one, or none), then every STATUS_HEARTBEAT.
-        self.status_due: datetime | None = datetime.now(UTC) if resume is not None else None
-
-    def on_batch(self, values: list[Counts | Registration]) -> tuple[list[Any], bool]:
-        counts = [v for v in values if isinstance(v, Counts)]
-        self.totals = sum_counts(counts, self.totals)
-        clock = self.totals.clock_us
-        out: list[Any] = []
-        for r in values:
-            if isinstance(r, Registration):
-                if clock is not None and r.due_us <= clock:
-                    out.append(Wake(*r))
-                else:
-                    out.append(self.buckets.route(r))
-        if clock is not None:
-            out += self.buckets.passed(clock)
-        if counts:
-            out.append(self._status())
-        return out, StatefulBatchLogic.RETAIN
-
-    def notify_at(self) -> datetime | None:
-        return self.status_due
-
-    def on_notify(self) -> tuple[list[Any], bool]:
-        return [self._status()], StatefulBatchLogic.RETAIN
-
-    def _status(self) -> VersionedDoc:
-        applied, duplicate, rejected, clock = self.totals
-        consumed = applied + duplicate + rejected
-        doc = {
-            "events_consumed": consumed,
-            "events_applied": applied,
-            "events_rejected": rejected,
-            "events_duplicate": duplicate,
-            "stream_clock": None if clock is None else format_time(clock),
-            "updated_at": format_time(time.time_ns() // 1000),
-        }
-        self.status_due = datetime.now(UTC) + STATUS_HEARTBEAT
-        # consumed only grows, so it orders status documents.
-        return VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc))
-
-    def snapshot(self) -> bytes:
-        return pickle.dumps((self.totals, self.buckets.hours()))
-
-
-def _clock_state(resume: bytes) -> tuple[Counts, list[int]]:
-    """The clock's snapshot: totals and open hours. A snapshot from before open hours were
-    kept holds totals only: then every hour of the next ~2 years may hold registrations
-    (the farthest a customer registers ahead), as the clock used to assume."""
-    state = pickle.loads(resume)
-    if isinstance(state, Counts):
-        now = (state.clock_us or 0) // BUCKET_US
-        return state, list(range(now, now + 800 * 24))
-    totals, hours = state
-    return totals, hours
 
 
 class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDoc, bytes]):

@@ -543,7 +543,7 @@ def test_an_ancient_event_does_not_flood_the_timer_buckets():
     """An applied event from 1971 read first, then one from 2025: the clock ticks only the
     hours holding registrations, not the 477,000 hours in between."""
     from crmscore.layout import RedisLayout
-    from flows.scoring import ClockLogic, Counts
+    from flows.clock import ClockLogic, Counts
     from flows.timers import Registration, Tick
 
     clock = ClockLogic(None, RedisLayout("t:"))

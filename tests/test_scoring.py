@@ -7,7 +7,7 @@ import pickle
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from flows.scoring import ClockLogic, Counts
+from flows.clock import ClockLogic, Counts
 from flows.timers import BUCKET_US, Registration, Tick, TimerBucketLogic, Wake
 from models.churn_features import FEATURE_NAMES
 from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer
