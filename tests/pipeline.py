@@ -282,3 +282,18 @@ def _payload(letter: dict) -> bytes:
     if letter["payload_encoding"] == "base64":
         return base64.b64decode(letter["payload"])
     return letter["payload"].encode()
+
+
+def generated_stream(out: Path, customers: int, seed: int) -> tuple[list[bytes], set[int]]:
+    """A stream from ``crmscore generate`` (duplicates, refunds, disorder and malformed
+    events at its default rates) written to ``out``: its lines, and the indexes of the
+    malformed ones (from the generator's ground truth)."""
+    subprocess.run(
+        [sys.executable, "-m", "crmscore.cli", "generate", "--customers", str(customers),
+         "--seed", str(seed), "--out", str(out)],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    truth = [orjson.loads(t) for t in Path(f"{out.with_suffix('')}.truth.jsonl").read_bytes()
+             .splitlines()]
+    return out.read_bytes().splitlines(), {t["malformed"]["line"] for t in truth
+                                           if "malformed" in t}

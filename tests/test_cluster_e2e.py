@@ -11,16 +11,13 @@ the key in the new cluster.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-import orjson
 import pytest
 import redis
 
 from crmscore.embedded import free_port
-from tests.pipeline import FlowEnv, check_final_state, publish, status
+from tests.pipeline import FlowEnv, check_final_state, generated_stream, publish, status
 from tests.reference import recompute
 
 pytestmark = [pytest.mark.e2e]
@@ -39,16 +36,7 @@ def run_cluster(env: FlowEnv, processes: int) -> None:
 
 def test_two_processes_then_rescaled_to_one_and_back_end_exact(broker, redis_url, unique,
                                                                tmp_path: Path):
-    out = tmp_path / "events.jsonl"
-    subprocess.run(
-        [sys.executable, "-m", "crmscore.cli", "generate", "--customers", "600", "--seed", "31",
-         "--out", str(out)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    lines = out.read_bytes().splitlines()
-    truth = [orjson.loads(t) for t in Path(f"{out.with_suffix('')}.truth.jsonl").read_bytes()
-             .splitlines()]
-    malformed = {t["malformed"]["line"] for t in truth if "malformed" in t}
+    lines, malformed = generated_stream(tmp_path / "events.jsonl", customers=600, seed=31)
     assert malformed and len(lines) > 5_000
     env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
     conn = redis.Redis.from_url(redis_url)

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import orjson
 import pytest
@@ -25,6 +22,7 @@ from tests.pipeline import (
     FlowEnv,
     admin_client,
     check_final_state,
+    generated_stream,
     kill,
     publish,
     read_topic,
@@ -42,16 +40,8 @@ pytestmark = [pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[bytes], Expected]:
-    out = tmp_path_factory.mktemp("data") / "events.jsonl"
-    subprocess.run(
-        [sys.executable, "-m", "crmscore.cli", "generate", "--customers", "1800", "--seed", "11",
-         "--out", str(out)],
-        check=True, stdout=subprocess.DEVNULL,
-    )
-    lines = out.read_bytes().splitlines()
-    truth = [orjson.loads(t) for t in Path(f"{out.with_suffix('')}.truth.jsonl").read_bytes()
-             .splitlines()]
-    malformed = {t["malformed"]["line"] for t in truth if "malformed" in t}
+    lines, malformed = generated_stream(tmp_path_factory.mktemp("data") / "events.jsonl",
+                                        customers=1800, seed=11)
     assert 15_000 <= len(lines) <= 40_000, len(lines)
     assert len(malformed) >= 0.01 * len(lines)
     return lines, recompute(lines, malformed)
