@@ -1,0 +1,157 @@
+"""Dev-only: the running pipeline on a real public dataset (CDNOW) against BG/NBD and
+Pareto/NBD fitted offline on the same calibration period.
+
+CDNOW (the classic BTYD benchmark, shipped in the ``lifetimes`` wheel): 23,570 customers'
+CD purchases from January 1997 to June 1998. Same-day purchases of a customer are one
+purchase (the BTYD convention). The first 39 weeks (to 1997-09-30) are replayed through
+the real flow (a private broker and Redis from the embedded wheels), then one sentinel
+event at the cut moves the stream clock there, so silent customers are woken. Every
+customer's served score is read from Redis and judged on the 39 holdout weeks:
+
+- ``churn_risk`` against "no purchase in the 90 days after the cut" (ROC AUC), beside
+  days since the last purchase and the offline fits' P(no purchase in 90 days);
+- ``expected_purchases`` (the flow runs with ``CRMSCORE_CLV_HORIZON_DAYS=273``, the
+  holdout length) against the purchases each customer made in the holdout (MAE, RMSE,
+  correlation, and the total), beside the offline fits' conditional expectations.
+
+The served scores are as of each customer's last processed instant (its ``as_of``, at or
+before the cut); the offline fits score everyone exactly at the cut.
+
+Run: ``.venv/bin/python -m bench.evaluate_cdnow`` (needs lifetimes and pandas, dev extras).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import uuid
+import warnings
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from bench.evaluate_churn import DAY_S, HORIZON_DAYS, auc, calibration_table, epoch, run_flow
+from crmscore import embedded
+
+START = datetime(1997, 1, 1, tzinfo=UTC)
+CUT = START + timedelta(weeks=39)  # 1997-10-01T00:00: calibration is everything before
+HOLDOUT_DAYS = 39 * 7
+SENTINEL = "cdnow-clock"
+
+
+def cdnow_purchases() -> dict[str, list[tuple[datetime, float]]]:
+    """Per customer, (day, spend) of each purchase day, from lifetimes' CDNOW_master.txt."""
+    import lifetimes
+
+    path = Path(lifetimes.__file__).parent / "datasets" / "CDNOW_master.txt"
+    days: dict[str, dict[datetime, float]] = defaultdict(lambda: defaultdict(float))
+    for row in path.read_text().splitlines()[1:]:
+        customer, date, _cds, dollars = row.split()
+        if float(dollars) > 0:  # a few zero-value rows: not purchases
+            day = datetime.strptime(date, "%Y%m%d").replace(tzinfo=UTC)
+            days[f"cd{customer}"][day] += float(dollars)
+    return {c: sorted(d.items()) for c, d in days.items()}
+
+
+def event(customer: str, n: int, at: datetime, amount: float) -> bytes:
+    return orjson.dumps({
+        "event_id": f"{customer}-{n}", "customer_id": customer, "type": "purchase",
+        "occurred_at": (at + timedelta(hours=12)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "amount": round(amount, 2), "currency": "USD",
+    })
+
+
+def offline_fits(ids: list[str], purchases: dict[str, list[tuple[datetime, float]]]
+                 ) -> dict[str, dict[str, np.ndarray]]:
+    """BG/NBD and Pareto/NBD (lifetimes) on the calibration period: expected purchases in
+    the holdout and P(no purchase in the next 90 days), scored at the cut."""
+    from lifetimes import BetaGeoFitter, ParetoNBDFitter
+
+    cut = CUT.timestamp()
+    first = np.array([purchases[c][0][0].timestamp() for c in ids])
+    last = np.array([max(d for d, _ in purchases[c] if d < CUT).timestamp() for c in ids])
+    x = np.array([sum(1 for d, _ in purchases[c] if d < CUT) - 1 for c in ids], dtype=float)
+    t_x, T = (last - first) / DAY_S, (cut - first) / DAY_S
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bg = BetaGeoFitter(penalizer_coef=0.0).fit(x, t_x, T)
+        alive = np.asarray(bg.conditional_probability_alive(x, t_x, T), dtype=float)
+        r, alpha = bg.params_["r"], bg.params_["alpha"]
+        silent = ((alpha + T) / (alpha + T + HORIZON_DAYS)) ** (r + x)
+        pnbd = ParetoNBDFitter(penalizer_coef=0.0).fit(x, t_x, T)
+        pnbd_no_buy = np.array([pnbd.conditional_probability_of_n_purchases_up_to_time(
+            0, HORIZON_DAYS, xi, ti, Ti) for xi, ti, Ti in zip(x, t_x, T, strict=True)])
+    return {
+        "BG/NBD": {"no_buy": (1 - alive) + alive * silent, "expected": np.asarray(
+            bg.conditional_expected_number_of_purchases_up_to_time(HOLDOUT_DAYS, x, t_x, T),
+            dtype=float)},
+        "Pareto/NBD": {"no_buy": pnbd_no_buy, "expected": np.asarray(
+            pnbd.conditional_expected_number_of_purchases_up_to_time(HOLDOUT_DAYS, x, t_x, T),
+            dtype=float)},
+    }
+
+
+def main() -> int:
+    purchases = cdnow_purchases()
+    calibration = sorted(
+        (at, event(c, n, at, amount))
+        for c, days in purchases.items() for n, (at, amount) in enumerate(days) if at < CUT)
+    lines = [line for _, line in calibration]
+    lines.append(event(SENTINEL, 0, CUT - timedelta(hours=12, seconds=1), 1.0))
+    with tempfile.TemporaryDirectory() as tmp, \
+            embedded.running(embedded.start_broker()) as broker, \
+            embedded.running(embedded.start_redis()) as redis_server:
+        token = uuid.uuid4().hex[:8]
+        env = {**os.environ, "CRMSCORE_KAFKA_BOOTSTRAP": broker.address,
+               "CRMSCORE_REDIS_URL": f"redis://{redis_server.address}/0",
+               "CRMSCORE_TRANSACTIONS_TOPIC": f"cdnow-{token}",
+               "CRMSCORE_DLQ_TOPIC": f"cdnow-{token}-dlq",
+               "CRMSCORE_TIMERS_TOPIC": f"cdnow-{token}-timers",
+               "CRMSCORE_RECOVERY_DIR": str(Path(tmp) / "recovery"),
+               "CRMSCORE_CLV_HORIZON_DAYS": str(HOLDOUT_DAYS),
+               "CRMSCORE_MAX_FUTURE_SECONDS": str(40 * 365 * DAY_S)}
+        result = run_flow(env, lines)
+    docs = {c: d for c, d in result["docs"].items() if c != SENTINEL}
+    ids = sorted(docs)
+    in_90 = CUT + timedelta(days=HORIZON_DAYS)
+    holdout_end = CUT + timedelta(days=HOLDOUT_DAYS)
+    no_buy = np.array([int(not any(CUT <= d < in_90 for d, _ in purchases[c])) for c in ids])
+    actual = np.array([sum(1 for d, _ in purchases[c] if CUT <= d < holdout_end) for c in ids])
+    risk = np.array([docs[c]["churn_risk"] for c in ids], dtype=float)
+    expected = np.array([docs[c]["expected_purchases"] or 0.0 for c in ids], dtype=float)
+    recency = np.array([CUT.timestamp() - epoch(docs[c]["last_purchase_at"]) for c in ids])
+    lag = np.array([CUT.timestamp() - epoch(docs[c]["as_of"]) for c in ids]) / DAY_S
+    fits = offline_fits(ids, purchases)
+    report = result["report"]
+
+    print(f"CDNOW: {len(ids):,} customers, {len(lines) - 1:,} purchase days before "
+          f"{CUT:%Y-%m-%d}; {no_buy.mean():.1%} bought nothing in the next 90 days, "
+          f"{actual.sum():,} purchase days in the {HOLDOUT_DAYS}-day holdout")
+    print(f"served model: {report.get('model_version')}; served scores are as of "
+          f"{np.median(lag):.0f} days before the cut at the median (max {lag.max():.0f})")
+    for name, m in report.get("churn", {}).get("models", {}).items():
+        print(f"  arena {name:8s} matured labels {m['matured_labels']:7d}  " + "  ".join(
+            f"{k} {v:.3f}" for k, v in m["metrics"].items() if isinstance(v, float)))
+    print(f"\n{'churn: P(no purchase in 90 days)':38s} {'ROC AUC':>8s}")
+    for name, score in (("churn_risk (pipeline, served)", risk),
+                        ("days since last purchase", recency),
+                        *((f"{n} offline", f["no_buy"]) for n, f in fits.items())):
+        print(f"{name:38s} {auc(score, no_buy):8.3f}")
+    print(f"\n{'purchases in the holdout':38s} {'MAE':>7s} {'RMSE':>7s} {'corr':>6s} "
+          f"{'total':>8s}  (actual {actual.sum():,})")
+    for name, pred in (("expected_purchases (pipeline, served)", expected),
+                       *((f"{n} offline", f["expected"]) for n, f in fits.items())):
+        err = pred - actual
+        print(f"{name:38s} {np.abs(err).mean():7.3f} {np.sqrt((err ** 2).mean()):7.3f} "
+              f"{np.corrcoef(pred, actual)[0, 1]:6.3f} {pred.sum():8,.0f}")
+    print("\ncalibration of churn_risk against no purchase in the next 90 days:")
+    print("\n".join(calibration_table(risk, no_buy)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
