@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,13 +35,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 print(render(client.get_score(args.customer_id)))
                 return 0
             call = client.watch(args.customer_id)
+            # Ctrl-C cancels the call from another thread, and the stream then ends quietly;
+            # a KeyboardInterrupt raised inside grpc's own code could leave its locks held.
+            previous = signal.signal(
+                signal.SIGINT,
+                lambda *_: threading.Thread(target=call.cancel, daemon=True).start())
             try:
                 for n, score in enumerate(stream(call)):
                     if n:
                         print("-" * 72)
                     print(render(score), flush=True)
-            except KeyboardInterrupt:
-                call.cancel()
+            finally:
+                signal.signal(signal.SIGINT, previous)
             return 0
         except grpc.RpcError as exc:
             print(f"crmscore score: {exc.code().name}: {exc.details()}", file=sys.stderr)
