@@ -54,7 +54,9 @@ class Population:
                  challengers: str = DEFAULT_CHALLENGERS) -> None:
         self.config = config or ScoringConfig()
         if arena is None:
-            arena = ChurnArena(self._lineup(challengers), ArenaConfig())
+            # BG/NBD is the incumbent: a learned challenger is served only once it has
+            # beaten the reference model by the promotion margin, not by being listed first.
+            arena = ChurnArena(self._lineup(challengers), ArenaConfig(), champion="bgnbd")
         self.arena = arena
         self.quantiles = PopulationQuantiles(k)
         self.btyd_rows: dict[int, tuple[int, int, int, float]] = {}  # hash -> first, last, n, net
