@@ -55,8 +55,10 @@ class Population:
         self.config = config or ScoringConfig()
         if arena is None:
             # BG/NBD is the incumbent: a learned challenger is served only once it has
-            # beaten the reference model by the promotion margin, not by being listed first.
-            arena = ChurnArena(self._lineup(challengers), ArenaConfig(), champion="bgnbd")
+            # beaten the reference model by the promotion margin, not by being listed first,
+            # on log loss: churn_risk is served as a probability (docs/design.md).
+            arena = ChurnArena(self._lineup(challengers), ArenaConfig(metric="recent_log_loss"),
+                               champion="bgnbd")
         self.arena = arena
         self.quantiles = PopulationQuantiles(k)
         self.btyd_rows: dict[int, tuple[int, int, int, float]] = {}  # hash -> first, last, n, net
