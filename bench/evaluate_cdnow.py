@@ -22,10 +22,8 @@ Run: ``.venv/bin/python -m bench.evaluate_cdnow`` (needs lifetimes and pandas, d
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
-import uuid
 import warnings
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
@@ -34,7 +32,15 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from bench.evaluate_churn import DAY_S, HORIZON_DAYS, auc, calibration_table, epoch, run_flow
+from bench.evaluate_churn import (
+    DAY_S,
+    HORIZON_DAYS,
+    auc,
+    calibration_table,
+    epoch,
+    flow_env,
+    run_flow,
+)
 from crmscore import embedded
 
 START = datetime(1997, 1, 1, tzinfo=UTC)
@@ -105,15 +111,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, \
             embedded.running(embedded.start_broker()) as broker, \
             embedded.running(embedded.start_redis()) as redis_server:
-        token = uuid.uuid4().hex[:8]
-        env = {**os.environ, "CRMSCORE_KAFKA_BOOTSTRAP": broker.address,
-               "CRMSCORE_REDIS_URL": f"redis://{redis_server.address}/0",
-               "CRMSCORE_TRANSACTIONS_TOPIC": f"cdnow-{token}",
-               "CRMSCORE_DLQ_TOPIC": f"cdnow-{token}-dlq",
-               "CRMSCORE_TIMERS_TOPIC": f"cdnow-{token}-timers",
-               "CRMSCORE_RECOVERY_DIR": str(Path(tmp) / "recovery"),
-               "CRMSCORE_CLV_HORIZON_DAYS": str(HOLDOUT_DAYS),
-               "CRMSCORE_MAX_FUTURE_SECONDS": str(40 * 365 * DAY_S)}
+        env = flow_env(broker, redis_server, Path(tmp), "cdnow",
+                       CRMSCORE_CLV_HORIZON_DAYS=str(HOLDOUT_DAYS))
         result = run_flow(env, lines)
     docs = {c: d for c, d in result["docs"].items() if c != SENTINEL}
     ids = sorted(docs)

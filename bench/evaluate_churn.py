@@ -76,6 +76,19 @@ def generate(work: Path, customers: int, seed: int, rhythm: float
     return out.read_bytes().splitlines(), {t["customer_id"]: t for t in rows if "stop_at" in t}
 
 
+def flow_env(broker: embedded.Server, redis_server: embedded.Server, work: Path, name: str,
+             **extra: str) -> dict[str, str]:
+    """The environment of a flow on the private broker and Redis, with its own topics;
+    events decades old (history replayed) are not refused as from the future."""
+    token = f"{name}-{uuid.uuid4().hex[:8]}"
+    return {**os.environ, "CRMSCORE_KAFKA_BOOTSTRAP": broker.address,
+            "CRMSCORE_REDIS_URL": f"redis://{redis_server.address}/0",
+            "CRMSCORE_TRANSACTIONS_TOPIC": token, "CRMSCORE_DLQ_TOPIC": f"{token}-dlq",
+            "CRMSCORE_TIMERS_TOPIC": f"{token}-timers",
+            "CRMSCORE_RECOVERY_DIR": str(work / "recovery"),
+            "CRMSCORE_MAX_FUTURE_SECONDS": str(40 * 365 * DAY_S), **extra}
+
+
 def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:
     settings = Settings.from_env(settings_env)
     layout = RedisLayout(settings.redis_prefix)
@@ -173,15 +186,7 @@ def main() -> int:
                 e = orjson.loads(line)
                 if e["type"] == "purchase":
                     bought_after.add(e["customer_id"])
-        token = uuid.uuid4().hex[:8]
-        env = {**os.environ, "CRMSCORE_KAFKA_BOOTSTRAP": broker.address,
-               "CRMSCORE_REDIS_URL": f"redis://{redis_server.address}/0",
-               "CRMSCORE_TRANSACTIONS_TOPIC": f"eval-{token}",
-               "CRMSCORE_DLQ_TOPIC": f"eval-{token}-dlq",
-               "CRMSCORE_TIMERS_TOPIC": f"eval-{token}-timers",
-               "CRMSCORE_RECOVERY_DIR": str(work / "recovery"),
-               "CRMSCORE_MAX_FUTURE_SECONDS": str(10 * 365 * DAY_S)}
-        result = run_flow(env, calibration)
+        result = run_flow(flow_env(broker, redis_server, work, "eval"), calibration)
     docs = {c: d for c, d in result["docs"].items() if d["purchase_count"] > 0}
     ids = list(docs)
     clock = epoch(result["status"]["stream_clock"])

@@ -34,6 +34,17 @@ class BenchError(RuntimeError):
     """A run of the harness failed (the message quotes the child's log)."""
 
 
+def run_captured(argv: list[str], log: Path) -> subprocess.CompletedProcess[str]:
+    """Run a benchmark command: its stdout captured, its stderr in ``log``."""
+    with open(log, "wb") as stderr:
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def command_failed(name: str, done: subprocess.CompletedProcess[str], log: Path) -> BenchError:
+    return BenchError(f"{name} exited with {done.returncode}:\n{done.stdout}\n"
+                      f"{log.read_text(errors='replace')[-3000:]}")
+
+
 @dataclass(frozen=True)
 class Stack:
     """The private broker and Redis every run of the harness uses; ``workdir`` holds

@@ -9,12 +9,11 @@ process, quotes its table and reads its summary line.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.processes import BenchError
+from bench.processes import command_failed, run_captured
 
 TARGET_P99_MS = 2.0
 TARGET_PEAK_SHARE = 0.6
@@ -58,14 +57,9 @@ class Serving:
 
 def measure(seconds: float, workdir: Path) -> Serving:
     log = workdir / "serving-bench.log"
-    with open(log, "wb") as stderr:
-        done = subprocess.run(
-            [sys.executable, "-m", "serving.bench", "--seconds", str(seconds)],
-            stdout=subprocess.PIPE, stderr=stderr, text=True,
-        )
+    done = run_captured([sys.executable, "-m", "serving.bench", "--seconds", str(seconds)], log)
     summary = _SUMMARY.search(done.stdout)
     if done.returncode != 0 or summary is None:
-        raise BenchError(f"serving.bench exited with {done.returncode}:\n{done.stdout}\n"
-                         f"{log.read_text(errors='replace')[-3000:]}")
+        raise command_failed("serving.bench", done, log)
     return Serving(seconds, done.stdout, float(summary["rate"]), float(summary["p99"]),
                    int(summary["share"]) / 100)

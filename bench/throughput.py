@@ -10,12 +10,11 @@ the trivial flow.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.processes import BenchError
+from bench.processes import command_failed, run_captured
 
 TARGET_RATIO = 0.5
 _ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<seconds>[\d.]+)\s+(?P<rate>[\d,]+)\s+(?P<ratio>[\d.]+)$")
@@ -67,14 +66,10 @@ class Throughput:
 
 def measure(customers: int, workdir: Path) -> Throughput:
     log = workdir / "crmscore-bench.log"
-    with open(log, "wb") as stderr:
-        done = subprocess.run(
-            [sys.executable, "-m", "crmscore.cli", "bench", "--customers", str(customers)],
-            stdout=subprocess.PIPE, stderr=stderr, text=True,
-        )
+    done = run_captured(
+        [sys.executable, "-m", "crmscore.cli", "bench", "--customers", str(customers)], log)
     if done.returncode != 0:
-        raise BenchError(f"crmscore bench exited with {done.returncode}:\n{done.stdout}\n"
-                         f"{log.read_text(errors='replace')[-3000:]}")
+        raise command_failed("crmscore bench", done, log)
     rows = {}
     for line in done.stdout.splitlines():
         if match := _ROW.match(line):

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis
 
+from crmscore.embedded import Server
 from tests.pipeline import (
     PARTITIONS,
     FlowEnv,
@@ -130,6 +131,27 @@ def test_restart_resumes_from_snapshot(broker, redis_url, unique, tmp_path, data
     assert len(read_topic(env.bootstrap, env.dlq, PARTITIONS)) == expected.rejected
 
 
+def freeze_mid_stream(env: FlowEnv, conn: redis.Redis, server: Server, lines: list[bytes],
+                      rate: float, what: str) -> float:
+    """Publish ``lines`` at ``rate`` while the flow runs; freeze ``server`` (SIGSTOP) for
+    10 s a third of the way in; wait for the flow to consume everything, then stop it.
+    Returns the flow's recovery time after the freeze."""
+    publisher = threading.Thread(target=publish, args=(env, lines, rate))
+    proc = env.start_flow()
+    publisher.start()
+    wait_for_consumed(conn, env.layout, len(lines) // 3, proc)
+    server.pause()
+    time.sleep(10)
+    assert proc.poll() is None, f"the flow must wait for {what}, not die"
+    server.resume()
+    recovery = resumes_after(conn, env.layout, time.monotonic())
+    publisher.join()
+    wait_for_consumed(conn, env.layout, len(lines), proc)
+    time.sleep(1.0)  # a double count would show up as consumed > lines
+    kill(proc, signal.SIGTERM)
+    return recovery
+
+
 def test_flow_rides_out_a_frozen_redis(broker, unique, tmp_path, dataset):
     """Redis frozen mid-stream: the sink backs off and retries; nothing lost or doubled."""
     from crmscore.embedded import start_redis
@@ -140,18 +162,8 @@ def test_flow_rides_out_a_frozen_redis(broker, unique, tmp_path, dataset):
         url = f"redis://{private.address}/0"
         env = FlowEnv(broker.address, url, unique, tmp_path / "recovery")
         conn = redis.Redis.from_url(url)
-        publisher = threading.Thread(target=publish, args=(env, lines, 8000.0))
-        proc = env.start_flow()
-        publisher.start()
-        wait_for_consumed(conn, env.layout, len(lines) // 3, proc)
-        private.pause()
-        time.sleep(10)  # longer than the sink's 5 s socket timeout: its retries kick in
-        assert proc.poll() is None, "the flow must wait for Redis, not die"
-        private.resume()
-        recovery = resumes_after(conn, env.layout, time.monotonic())
-        publisher.join()
-        wait_for_consumed(conn, env.layout, len(lines), proc)
-        kill(proc, signal.SIGTERM)
+        # 10 s: longer than the sink's 5 s socket timeout, so its retries kick in
+        recovery = freeze_mid_stream(env, conn, private, lines, 8000.0, "Redis")
         check_final_state(env, conn, expected, len(lines))
         report_fault("Redis frozen (SIGSTOP) 10 s mid-stream", 1, status(conn, env.layout), 0,
                      [recovery])
@@ -219,19 +231,7 @@ def test_flow_rides_out_a_frozen_broker(redis_url, unique, tmp_path, dataset):
     try:
         env = FlowEnv(private.address, redis_url, unique, tmp_path / "recovery")
         conn = redis.Redis.from_url(redis_url)
-        publisher = threading.Thread(target=publish, args=(env, lines, 4000.0))
-        proc = env.start_flow()
-        publisher.start()
-        wait_for_consumed(conn, env.layout, len(lines) // 3, proc)
-        private.pause()
-        time.sleep(10)
-        assert proc.poll() is None, "the flow must wait for the broker, not die"
-        private.resume()
-        recovery = resumes_after(conn, env.layout, time.monotonic())
-        publisher.join()
-        wait_for_consumed(conn, env.layout, len(lines), proc)
-        time.sleep(1.0)  # a double count would show up as consumed > lines
-        kill(proc, signal.SIGTERM)
+        recovery = freeze_mid_stream(env, conn, private, lines, 4000.0, "the broker")
         check_final_state(env, conn, expected, len(lines))
         report_fault("broker frozen (SIGSTOP) 10 s mid-stream", 1, status(conn, env.layout), 0,
                      [recovery])
