@@ -6,19 +6,21 @@ recovery snapshots. Each flow reads the topic to its end in this process; the
 figure is events / wall seconds and the ratio to the baseline. Also prints the
 per-event cost of parsing and validating an event (µs).
 
-Starts a private broker and Redis (crmscore.embedded) unless ``--external``.
+Starts a private broker and Redis (crmscore.embedded) unless ``--external``; with
+``--redis-cluster on`` the private Redis is a 3-node Redis Cluster.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from models.transaction import parse_transaction
 def configure(parser: argparse.ArgumentParser) -> None:
     from crmscore.cli import add_setting_flags
 
-    add_setting_flags(parser, "kafka_bootstrap", "redis_url", "topic_partitions")
+    add_setting_flags(parser, "kafka_bootstrap", "redis_url", "redis_cluster", "topic_partitions")
     parser.add_argument("--customers", type=int, default=20_000,
                         help="customers in the generated stream (~10 events each per year)")
     parser.add_argument("--days", type=float, default=365)
@@ -54,12 +56,24 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         if args.external:
             return _bench(args, settings, work)
         with embedded.running(embedded.start_broker()) as broker, \
-                embedded.running(embedded.start_redis()) as redis_server:
+                _private_redis(settings.redis_cluster) as redis_url:
             local = dataclasses.replace(
-                settings, kafka_bootstrap=broker.address,
-                redis_url=f"redis://{redis_server.address}/0",
-            )
+                settings, kafka_bootstrap=broker.address, redis_url=redis_url)
             return _bench(args, local, work)
+
+
+@contextlib.contextmanager
+def _private_redis(cluster: bool) -> Iterator[str]:
+    """The URL of a private Redis, or with ``cluster`` of a 3-node Redis Cluster."""
+    if cluster:
+        nodes = embedded.start_redis_cluster()
+        try:
+            yield nodes.url
+        finally:
+            nodes.stop()
+        return
+    with embedded.running(embedded.start_redis()) as server:
+        yield f"redis://{server.address}/0"
 
 
 def _bench(args: argparse.Namespace, settings: Settings, work: Path) -> int:

@@ -39,12 +39,13 @@ def add_setting_flags(parser: argparse.ArgumentParser, *names: str) -> None:
     """Add ``--kafka-bootstrap``-style flags that override the named settings."""
     for name in names:
         help_text, default = describe(name)
+        shown = ("'on'" if default else "'off'") if isinstance(default, bool) else repr(default)
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             default=None,
             metavar=name.split("_")[-1].upper(),
-            help=f"{help_text} [env: {env_var(name)}, default: {default!r}]",
+            help=f"{help_text} [env: {env_var(name)}, default: {shown}]",
         )
 
 

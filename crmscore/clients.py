@@ -18,10 +18,30 @@ log = logging.getLogger(__name__)
 CONSUMER_DEFAULTS = {"fetch.wait.max.ms": "10", "session.timeout.ms": "6000"}
 
 
-def redis_client(settings: Settings, **kwargs: Any) -> redis.Redis:
+# What redis_client returns: both answer the same single-key commands, pipelines and
+# scripts (a cluster pipeline routes each command to the node owning its key).
+RedisClient = redis.Redis | redis.RedisCluster
+
+
+def redis_client(settings: Settings, **kwargs: Any) -> RedisClient:
+    """A Redis client, or with ``redis_cluster`` a Redis Cluster client.
+
+    The cluster client reads the slot map from the node in ``redis_url`` when it is
+    built: unlike a single Redis client it fails at once (:class:`redis.ConnectionError`)
+    when no node answers.
+    """
     kwargs.setdefault("socket_timeout", 5.0)
     kwargs.setdefault("socket_connect_timeout", 2.0)
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+    if not settings.redis_cluster:
+        return redis.Redis.from_url(settings.redis_url, **kwargs)
+    try:
+        return redis.RedisCluster.from_url(settings.redis_url, **kwargs)
+    except redis.RedisClusterException as exc:
+        raise redis.ConnectionError(f"Redis Cluster at {_safe(settings)}: {exc}") from exc
+
+
+def _safe(settings: Settings) -> str:
+    return str(settings.redacted()["redis_url"])
 
 
 def producer(settings: Settings, **extra: str) -> Producer:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import redis
 
-from crmscore.clients import ensure_topics, redis_client
+from crmscore.clients import RedisClient, ensure_topics, redis_client
 from crmscore.embedded import EmbeddedError, Server, free_port, port_open, start_broker, start_redis
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
@@ -92,7 +92,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--keep-running", action="store_true",
         help="run until Ctrl-C or SIGTERM (the default)",
     )
-    add_setting_flags(parser, "redis_url", "grpc_address", "topic_partitions")
+    add_setting_flags(parser, "redis_url", "redis_cluster", "grpc_address", "topic_partitions")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -142,6 +142,7 @@ class Demo:
             kafka_config="",
             redis_url=redis_url,
             redis_prefix=prefix,
+            redis_cluster=self.settings.redis_cluster and self.external_redis,
             grpc_address=self._grpc_address(),
             recovery_dir=str(self.workdir / "recovery"),
             metrics_port=self._metrics_port(),
@@ -247,7 +248,7 @@ class Demo:
                                 f"{tail(self.children[name].log_path)}")
 
     def _wait_for_scores(
-        self, store: redis.Redis, layout: RedisLayout, customers: dict[str, Customer],
+        self, store: RedisClient, layout: RedisLayout, customers: dict[str, Customer],
         stop: threading.Event,
     ) -> str | None:
         """Wait for the first score documents; return a busy customer that has one."""
@@ -286,7 +287,7 @@ class Demo:
 
     # -- run -----------------------------------------------------------------------------
 
-    def _watch(self, store: redis.Redis, layout: RedisLayout, stop: threading.Event) -> int:
+    def _watch(self, store: RedisClient, layout: RedisLayout, stop: threading.Event) -> int:
         duration = self.args.duration
         deadline = None if duration is None else time.monotonic() + duration
         next_status = time.monotonic()
@@ -425,6 +426,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "CRMSCORE_KAFKA_CONFIG": settings.kafka_config,
         "CRMSCORE_REDIS_URL": settings.redis_url,
         "CRMSCORE_REDIS_PREFIX": settings.redis_prefix,
+        "CRMSCORE_REDIS_CLUSTER": "on" if settings.redis_cluster else "off",
         "CRMSCORE_GRPC_ADDRESS": settings.grpc_address,
         "CRMSCORE_RECOVERY_DIR": settings.recovery_dir,
         "CRMSCORE_TOPIC_PARTITIONS": str(settings.topic_partitions),
@@ -452,14 +454,14 @@ def drop_keys(settings: Settings) -> None:
             keys = list(conn.scan_iter(match=settings.redis_prefix + "*", count=1000))
             for start in range(0, len(keys), 1000):
                 conn.delete(*keys[start : start + 1000])
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.RedisClusterException) as exc:
         say(f"could not remove the demo's keys under {settings.redis_prefix!r}: {exc}")
 
 
-def status_line(store: redis.Redis, layout: RedisLayout, feeder: Feeder | None) -> str:
+def status_line(store: RedisClient, layout: RedisLayout, feeder: Feeder | None) -> str:
     try:
         raw = store.hget(layout.status(), "doc")
-    except redis.RedisError as exc:
+    except (redis.RedisError, redis.RedisClusterException) as exc:
         return f"[status] Redis error: {exc}"
     status = json.loads(raw) if raw else {}
     sent = "" if feeder is None else (

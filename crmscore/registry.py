@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-import redis
-
-from crmscore.clients import redis_client
+from crmscore.clients import RedisClient, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.model_registry import load_published
@@ -34,10 +32,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("action", choices=["show", "promote"],
                         help="show the served bundle and the candidate, or promote the candidate")
-    add_setting_flags(parser, "redis_url", "redis_prefix")
+    add_setting_flags(parser, "redis_url", "redis_prefix", "redis_cluster")
 
 
-def describe(client: redis.Redis, key: str) -> str:
+def describe(client: RedisClient, key: str) -> str:
     bundle = load_published(client, key)
     if bundle is None:
         return "none"

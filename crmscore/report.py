@@ -23,7 +23,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("what", choices=["alerts"], help="which report")
     parser.add_argument("--json", action="store_true", help="print the report document as JSON")
-    add_setting_flags(parser, "redis_url", "redis_prefix")
+    add_setting_flags(parser, "redis_url", "redis_prefix", "redis_cluster")
 
 
 def _pct(x: float | None) -> str:

@@ -8,6 +8,8 @@ The CLI builds its flags from the same declarations (see ``crmscore.cli``), so
 >>> s = Settings.from_env({"CRMSCORE_TOPIC_PARTITIONS": "8"})
 >>> s.topic_partitions, s.transactions_topic
 (8, 'crm.transactions')
+>>> Settings.from_env({"CRMSCORE_REDIS_CLUSTER": "on"}).redis_cluster
+True
 >>> Settings.from_env({"CRMSCORE_TOPIC_PARTITIONS": "many"})
 Traceback (most recent call last):
 ...
@@ -54,6 +56,10 @@ class Settings:
         "redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)", secret=True
     )
     redis_prefix: str = _setting("crm:", "prefix of every Redis key the service writes")
+    redis_cluster: bool = _setting(
+        False, "'on': CRMSCORE_REDIS_URL names any node of a Redis Cluster (commands go to "
+        "the node owning each key); 'off': a single Redis"
+    )
     # Flow
     recovery_dir: str = _setting(
         ".crmscore/recovery", "bytewax recovery directory (created and initialised when empty)"
@@ -178,7 +184,17 @@ def describe(name: str) -> tuple[str, Any]:
     return f.metadata["help"], f.default
 
 
+_SWITCH = {"on": True, "true": True, "yes": True, "1": True,
+           "off": False, "false": False, "no": False, "0": False, "": False}
+
+
 def _convert(var: str, type_name: Any, raw: Any) -> Any:
+    if str(type_name) == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).strip().lower() not in _SWITCH:
+            raise SettingsError(f"{var}: expected 'on' or 'off', got {raw!r}")
+        return _SWITCH[str(raw).strip().lower()]
     kind = {"int": int, "float": float, "str": str}[str(type_name)]
     if isinstance(raw, kind):
         return raw

@@ -36,8 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from crmscore.cli import add_setting_flags
 
     add_setting_flags(
-        parser, "kafka_bootstrap", "redis_url", "redis_prefix", "transactions_topic",
-        "dlq_topic", "alerts_topic", "timers_topic", "topic_partitions", "recovery_dir",
+        parser, "kafka_bootstrap", "redis_url", "redis_prefix", "redis_cluster",
+        "transactions_topic", "dlq_topic", "alerts_topic", "timers_topic", "topic_partitions",
+        "recovery_dir",
         "recovery_partitions", "snapshot_interval", "backup_interval", "lateness_days",
         "max_future_seconds", "churn_horizon_days", "clv_horizon_days", "alert_rules",
         "churn_models",

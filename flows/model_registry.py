@@ -35,7 +35,7 @@ import time
 
 import redis
 
-from crmscore.clients import redis_client
+from crmscore.clients import RedisClient, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.redis_sink import VersionedDoc
@@ -48,8 +48,10 @@ LIVE, FROZEN = "live", "frozen"
 UPDATES = (LIVE, FROZEN)
 
 
-# What reading a bundle can raise: Redis down, or a blob that is not a bundle.
-_LOAD_ERRORS = (redis.RedisError, pickle.UnpicklingError, EOFError, AttributeError)
+# What reading a bundle can raise: Redis down (a cluster client's own errors are not
+# RedisErrors), or a blob that is not a bundle.
+_LOAD_ERRORS = (redis.RedisError, redis.RedisClusterException, pickle.UnpicklingError,
+                EOFError, AttributeError)
 
 
 class ModelRegistryError(RuntimeError):
@@ -73,7 +75,7 @@ def bundle_doc(layout: RedisLayout, bundle: ModelBundle, *, frozen: bool = False
                         pickle.dumps(bundle, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def load_published(client: redis.Redis, key: str) -> ModelBundle | None:
+def load_published(client: RedisClient, key: str) -> ModelBundle | None:
     """The bundle stored at ``key``, or None if there is none; Redis errors propagate."""
     blob = client.hget(key, "doc")
     if not isinstance(blob, bytes):
@@ -85,7 +87,7 @@ def load_published(client: redis.Redis, key: str) -> ModelBundle | None:
 class BundleCache:
     """The newest published bundle, shared by the worker threads of one process."""
 
-    def __init__(self, client: redis.Redis, layout: RedisLayout, initial: ModelBundle,
+    def __init__(self, client: RedisClient, layout: RedisLayout, initial: ModelBundle,
                  refresh_seconds: float = 0.5, *, frozen: bool = False) -> None:
         self._client = client
         self._key = layout.model_bundle()

@@ -9,6 +9,11 @@ While Redis is unreachable the sink retries with capped exponential backoff,
 which back-pressures the whole flow: nothing is dropped, nothing is skipped. Every
 write also checks the flow's marker key: when Redis comes back without it, it lost its
 data, and ``on_lost`` is called (flows/store_marker.py).
+
+On a Redis Cluster (``CRMSCORE_REDIS_CLUSTER=on``) a script may only touch keys of one
+hash slot, so the documents are grouped by slot: one script call per group, all sent in
+one cluster pipeline (one round trip per node). PUBLISH from a script reaches
+subscribers on every node (classic pub/sub is broadcast over the cluster bus).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ from typing import Any, NamedTuple
 
 import redis
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
+from redis.crc import key_slot
 
-from crmscore.clients import redis_client
+from crmscore.clients import RedisClient, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.store_marker import raise_store_lost
@@ -49,7 +55,8 @@ return written
 """
 _CHUNK = 256  # documents per script call: keeps each call well under a millisecond
 
-_RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+_RETRYABLE: tuple[type[Exception], ...] = (
+    redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 _MAX_BACKOFF_S = 5.0
 
 
@@ -70,11 +77,16 @@ class RedisDocSink(DynamicSink[VersionedDoc]):
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisDocPartition:
         marker = RedisLayout(self._settings.redis_prefix).store_marker()
-        return _RedisDocPartition(redis_client(self._settings), marker, self._on_lost)
+        client = redis_client(self._settings)
+        if isinstance(client, redis.RedisCluster):
+            return _ClusterDocPartition(client, marker, self._on_lost)
+        return _RedisDocPartition(client, marker, self._on_lost)
 
 
 class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
-    def __init__(self, client: redis.Redis, marker: str, on_lost: OnLost) -> None:
+    retryable = _RETRYABLE  # errors a write waits out
+
+    def __init__(self, client: RedisClient, marker: str, on_lost: OnLost) -> None:
         self._client = client
         self._sha = hashlib.sha1(WRITE_IF_NEWER.encode()).hexdigest()
         self._marker = marker
@@ -91,7 +103,7 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
             try:
                 self._write(list(newest.values()))
                 return
-            except _RETRYABLE as exc:
+            except self.retryable as exc:
                 log.warning("Redis write of %d documents failed (%s); retrying in %.2f s",
                             len(newest), exc, backoff)
                 time.sleep(backoff)
@@ -112,16 +124,92 @@ class _RedisDocPartition(StatelessSinkPartition[VersionedDoc]):
         pipe = self._client.pipeline(transaction=False)
         pipe.exists(self._marker)
         for start in range(0, len(docs), _CHUNK):
-            chunk = docs[start : start + _CHUNK]
-            args: list[Any] = []
-            for d in chunk:
-                args += (d.version, d.doc, d.channel)
-            pipe.evalsha(self._sha, len(chunk), *(d.key for d in chunk), *args)
+            _queue_write(pipe, self._sha, docs[start : start + _CHUNK])
         marker_exists, *_ = pipe.execute()
         return bool(marker_exists)
 
     def close(self) -> None:
         self._client.close()
+
+
+class _ClusterDocPartition(_RedisDocPartition):
+    """The same writes on a Redis Cluster: one script call per hash slot group."""
+
+    # Also a failover or a slot move in progress: the client refreshes its slot map.
+    retryable = (*_RETRYABLE, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
+
+    def __init__(self, client: redis.RedisCluster, marker: str, on_lost: OnLost) -> None:
+        super().__init__(client, marker, on_lost)
+        self._cluster = client
+
+    def _write(self, docs: list[VersionedDoc]) -> None:
+        try:
+            self._write_by_slot(docs)
+        except redis.RedisClusterException as exc:  # not a RedisError: say which it is
+            if isinstance(exc, redis.exceptions.SlotNotCoveredError) or isinstance(
+                    exc.__cause__, (redis.ConnectionError, redis.TimeoutError)):
+                raise redis.ConnectionError(f"Redis Cluster unreachable: {exc}") from exc
+            raise
+
+    def _write_by_slot(self, docs: list[VersionedDoc]) -> None:
+        marker_exists, unscripted = self._write_groups(slot_groups(docs))
+        if unscripted:  # their nodes never saw the script (new, restarted, failed over)
+            for node in {self._node(slot) for slot, _ in unscripted}:
+                self._cluster.get_redis_connection(node).script_load(WRITE_IF_NEWER)
+            marker_exists, unscripted = self._write_groups(unscripted)  # a redo is harmless
+            if unscripted:
+                raise redis.exceptions.NoScriptError(
+                    f"a Redis Cluster node lost the write script right after loading it "
+                    f"(slot {unscripted[0][0]})")
+        if not marker_exists:
+            self._on_lost(self._marker)
+
+    def _write_groups(self, groups: list[tuple[int, list[VersionedDoc]]]
+                      ) -> tuple[bool, list[tuple[int, list[VersionedDoc]]]]:
+        """One cluster pipeline: the marker check and a script call per group. Returns
+        whether the marker exists and the groups whose node did not know the script."""
+        pipe = self._cluster.pipeline()
+        pipe.exists(self._marker)
+        for slot, group in groups:
+            # The node named: else redis-py asks a server for a script call's keys, a
+            # round trip per call.
+            _queue_write(pipe, self._sha, group, target_nodes=self._node(slot))
+        marker_exists, *results = pipe.execute(raise_on_error=False)
+        for result in (marker_exists, *results):
+            if isinstance(result, Exception) and not isinstance(
+                    result, redis.exceptions.NoScriptError):
+                raise result
+        unscripted = [g for g, r in zip(groups, results, strict=True)
+                      if isinstance(r, redis.exceptions.NoScriptError)]
+        return bool(marker_exists), unscripted
+
+    def _node(self, slot: int) -> Any:
+        return self._cluster.nodes_manager.get_node_from_slot(slot)
+
+
+def slot_groups(docs: list[VersionedDoc]) -> list[tuple[int, list[VersionedDoc]]]:
+    """``docs`` grouped by the hash slot of their key, at most ``_CHUNK`` per group.
+
+    >>> [(slot, [d.key for d in g]) for slot, g in slot_groups(
+    ...     [VersionedDoc(k, 1, b"") for k in ("{a}x", "b", "{a}y")])]
+    [(15495, ['{a}x', '{a}y']), (3300, ['b'])]
+    """
+    by_slot: dict[int, list[VersionedDoc]] = {}
+    for d in docs:
+        by_slot.setdefault(key_slot(d.key.encode()), []).append(d)
+    return [(slot, group[start : start + _CHUNK])
+            for slot, group in by_slot.items() for start in range(0, len(group), _CHUNK)]
+
+
+def _queue_write(pipe: Any, sha: str, chunk: list[VersionedDoc], **options: Any) -> None:
+    """Queue one WRITE_IF_NEWER call, by SHA, for ``chunk`` on ``pipe``."""
+    args: list[Any] = []
+    for d in chunk:
+        args += (d.version, d.doc, d.channel)
+    # What pipe.evalsha sends; redis-py's cluster pipeline blocks that method, not the
+    # command.
+    pipe.execute_command("EVALSHA", sha, len(chunk), *(d.key for d in chunk), *args,
+                         **options)
 
 
 class PublishThrottle:

@@ -25,6 +25,7 @@ import time
 
 import redis
 
+from crmscore.clients import RedisClient
 from crmscore.layout import RedisLayout
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ class StoreLost(RuntimeError):
     """The marker key vanished while the flow ran: Redis lost the flow's data."""
 
 
-def claim_store(client: redis.Redis, layout: RedisLayout) -> bool:
+def claim_store(client: RedisClient, layout: RedisLayout) -> bool:
     """Set the marker; True if it was missing (the documents must be rewritten).
 
     Waits for Redis, retrying with backoff: a flow cannot write anything without it.

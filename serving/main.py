@@ -20,8 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     from crmscore.cli import add_setting_flags
 
     add_setting_flags(
-        parser, "grpc_address", "redis_url", "redis_prefix", "metrics_port", "auth",
-        "tls_cert", "tls_key", "tls_client_ca", "grpc_workers", "redis_timeout",
+        parser, "grpc_address", "redis_url", "redis_prefix", "redis_cluster", "metrics_port",
+        "auth", "tls_cert", "tls_key", "tls_client_ca", "grpc_workers", "redis_timeout",
     )
 
 

@@ -6,6 +6,10 @@ to the channels of the customers being watched, and fans each message out to tho
 watchers' queues; watchers never poll Redis. If the pub/sub connection breaks, the
 hub reconnects, resubscribes, and tells every watcher to re-read its customer's
 current score (``RESYNC``), so a change published during the outage is not lost.
+
+On a Redis Cluster the hub subscribes on one primary, the next one at each reconnect:
+classic PUBLISH reaches subscribers on every node (the cluster bus broadcasts it), so
+any node will do, and one node down does not keep the watchers down.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import redis
 
-from crmscore.clients import redis_client
+from crmscore.clients import RedisClient, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from serving.errors import ResourceExhausted, Unavailable
@@ -56,9 +60,9 @@ class UpdateHub:
 
     def __init__(self, settings: Settings, max_watchers: int) -> None:
         self.layout = RedisLayout(settings.redis_prefix)
-        self._client = redis_client(
-            settings, socket_timeout=None, socket_connect_timeout=settings.redis_timeout
-        )
+        self._settings = settings
+        self._client: RedisClient | None = None  # built by the hub thread
+        self._connects = 0
         self._max = max_watchers
         self._lock = threading.Lock()
         self._watchers: dict[str, set[Watcher]] = {}
@@ -119,7 +123,8 @@ class UpdateHub:
                     w.close()
         if self._thread is not None:
             self._thread.join(5)
-        self._client.close()
+        if self._client is not None:
+            self._client.close()
 
     # -- hub thread ----------------------------------------------------------------------
 
@@ -127,8 +132,9 @@ class UpdateHub:
         backoff = 0.05
         first = True
         while not self._stop.is_set():
-            pubsub = self._client.pubsub()
+            pubsub = None
             try:
+                pubsub = self._pubsub()
                 self._subscribe_all(pubsub, resync=not first)
                 first = False
                 backoff = 0.05
@@ -148,9 +154,25 @@ class UpdateHub:
                 first = False
             finally:
                 try:
-                    pubsub.close()
+                    if pubsub is not None:
+                        pubsub.close()
                 except (redis.RedisError, OSError):
                     pass  # the connection is being dropped anyway
+
+    def _pubsub(self) -> Any:
+        """A pub/sub object for this connection attempt (connecting at its first command)."""
+        if self._client is None:
+            # A cluster client reads the slot map now: in this thread, so a cluster that
+            # is down at start is waited for like a broken connection. Its socket timeout
+            # bounds that read; a single Redis's pub/sub connection waits without one.
+            timeout = self._settings.redis_timeout if self._settings.redis_cluster else None
+            self._client = redis_client(self._settings, socket_timeout=timeout,
+                                        socket_connect_timeout=self._settings.redis_timeout)
+        if isinstance(self._client, redis.RedisCluster):
+            primaries = self._client.get_primaries()
+            self._connects += 1
+            return self._client.pubsub(node=primaries[self._connects % len(primaries)])
+        return self._client.pubsub()
 
     def _subscribe_all(self, pubsub: Any, resync: bool) -> None:
         # Commands queued so far are covered by subscribing the current channels.

@@ -32,6 +32,7 @@ class FlowEnv:
     redis_url: str
     token: str
     recovery_dir: Path
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
 
     @property
     def topic(self) -> str:
@@ -54,6 +55,7 @@ class FlowEnv:
             **os.environ,
             "CRMSCORE_KAFKA_BOOTSTRAP": self.bootstrap,
             "CRMSCORE_REDIS_URL": self.redis_url,
+            "CRMSCORE_REDIS_CLUSTER": "on" if self.redis_cluster else "off",
             "CRMSCORE_TRANSACTIONS_TOPIC": self.topic,
             "CRMSCORE_DLQ_TOPIC": self.dlq,
             "CRMSCORE_TIMERS_TOPIC": f"timers-{self.token}",
