@@ -104,7 +104,10 @@ class Settings:
     grpc_address: str = _setting("127.0.0.1:50051", "gRPC listen / connect address")
 
     # Serving (gRPC API, issue 4): server
-    grpc_workers: int = _setting(32, "gRPC server threads (each open WatchCustomer holds one)")
+    grpc_workers: int = _setting(
+        4, "gRPC server threads answering unary calls (streams have their own: max_watchers + 3);"
+        " more threads contend for the GIL and answer fewer calls"
+    )
     grpc_max_message_bytes: int = _setting(
         4 * 1024 * 1024, "largest gRPC message the server receives or sends, in bytes"
     )

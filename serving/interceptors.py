@@ -29,6 +29,7 @@ import grpc
 from serving.auth import METHOD_ROLES, ApiKeys
 from serving.errors import InvalidArgument, ServingError
 from serving.metrics import IN_FLIGHT, REQUEST_SECONDS
+from serving.threads import long_lived
 
 log = logging.getLogger(__name__)
 
@@ -179,4 +180,4 @@ def _guarded(
             in_flight.dec()
             observe(start, code)
 
-    return stream if streaming else unary
+    return long_lived(stream) if streaming else unary

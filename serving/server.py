@@ -18,7 +18,6 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from serving.errors import InvalidArgument, NotFound, ServingError, Unavailable
 from serving.interceptors import Registrar
 from serving.metrics import REDIS_UP
 from serving.store import ScoreStore
+from serving.threads import CallRouter
 from serving.watch import CLOSED, RESYNC, UpdateHub
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["Scoring"].full_name
 MAX_ID_LENGTH = 128
 MAX_BATCH = 1000
 WATCH_SUBSCRIBE_TIMEOUT_S = 5.0
+STREAM_THREADS_SPARE = 3
 
 
 class ServerConfigError(ValueError):
@@ -294,10 +295,10 @@ def create_server(
     credentials = server_credentials(settings)
 
     limit = settings.grpc_max_message_bytes
+    # Streams get threads of their own: one per allowed watcher, and a few more so that a
+    # watcher over the cap is refused at once and health Watch / reflection streams fit.
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=settings.grpc_workers, thread_name_prefix="crmscore-grpc"
-        ),
+        CallRouter(settings.grpc_workers, settings.max_watchers + STREAM_THREADS_SPARE),
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -305,7 +306,7 @@ def create_server(
         ],
     )
     store = ScoreStore(settings)
-    hub = UpdateHub(settings, max_watchers=min(settings.max_watchers, settings.grpc_workers - 1))
+    hub = UpdateHub(settings, max_watchers=settings.max_watchers)
     registrar = Registrar(server, keys if auth else None)  # auth, metrics, error statuses
     scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(store, hub), registrar)
     health_servicer = health.HealthServicer()

@@ -512,6 +512,29 @@ def test_watchers_are_capped(api, conn, reader) -> None:
     wait_for(lambda: api.server.hub._count == 0, what="watchers to leave")
 
 
+def test_open_watch_streams_leave_unary_calls_their_threads(redis_url, conn) -> None:
+    """Watchers hold their threads for minutes: they must not take the unary calls' ones
+    (serving/threads.py). One unary thread, every watcher slot taken: GetScore answers."""
+    running = start(serving_settings(redis_url, f"t-{uuid.uuid4().hex[:8]}:",
+                                     grpc_workers=1, max_watchers=3))
+    write_score(conn, running.layout, score_doc("w-threads"))
+    try:
+        with running.client() as client:
+            calls = [client.watch("w-threads", timeout=10) for _ in range(3)]
+            try:
+                for call in calls:
+                    assert next(call).customer_id == "w-threads"
+                for _ in range(3):
+                    assert client.get_score("w-threads", timeout=2).customer_id == "w-threads"
+                code, _ = status_of(lambda: next(client.watch("w-threads", timeout=2)))
+                assert code == grpc.StatusCode.RESOURCE_EXHAUSTED  # refused, not queued
+            finally:
+                for call in calls:
+                    call.cancel()
+    finally:
+        running.server.stop(0).wait(5)
+
+
 def test_watch_needs_a_reader_key(api) -> None:
     with api.client(api_key=None) as client:
         code, _ = status_of(lambda: next(client.watch("w-1", timeout=5)))
