@@ -36,6 +36,7 @@ import orjson
 import redis
 
 from crmscore import embedded
+from crmscore.doc_codec import decode
 from crmscore.layout import RedisLayout
 from crmscore.replay import publish_lines
 from crmscore.settings import Settings
@@ -114,8 +115,8 @@ def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:
         docs = {}
         for key in conn.scan_iter(match=layout.score_pattern(), count=1000):
             doc = conn.hget(key, "doc")
-            if doc is not None:
-                d = orjson.loads(doc)
+            if isinstance(doc, bytes):
+                d = orjson.loads(decode(doc))
                 docs[d["customer_id"]] = d
         report = orjson.loads(conn.hget(layout.model_report(), "doc") or b"{}")
         return {"docs": docs, "status": st, "report": report}

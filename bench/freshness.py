@@ -174,7 +174,6 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
     server = pipeline.start(
         "serve", CRMSCORE_GRPC_ADDRESS=f"127.0.0.1:{port}", CRMSCORE_AUTH="off",
         CRMSCORE_METRICS_PORT="0", CRMSCORE_MAX_WATCHERS=str(watched),
-        CRMSCORE_GRPC_WORKERS=str(watched + 32),  # each open watch holds a server thread
     )
     ids = [f"f-{n:05d}" for n in range(customers)]
     rng = random.Random(11)

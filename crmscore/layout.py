@@ -21,7 +21,7 @@ class RedisLayout:
     prefix: str = "crm:"
 
     def score(self, customer_id: str) -> str:
-        """HASH {v: version, doc: JSON score document} of one customer."""
+        """HASH {v: version, doc: score document (JSON; zstd: crmscore/doc_codec.py)}."""
         return f"{self.prefix}score:{customer_id}"
 
     def status(self) -> str:

@@ -56,6 +56,10 @@ class Settings:
         "redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)", secret=True
     )
     redis_prefix: str = _setting("crm:", "prefix of every Redis key the service writes")
+    doc_compression: str = _setting(
+        "zstd", "how the flow stores score documents: 'zstd' (with the dictionary shipped in "
+        "crmscore/score_doc.zdict: ~10x smaller) or 'off' (plain JSON); readers take both"
+    )
     redis_cluster: bool = _setting(
         False, "'on': CRMSCORE_REDIS_URL names any node of a Redis Cluster (commands go to "
         "the node owning each key); 'off': a single Redis"

@@ -23,6 +23,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 
 from crmscore.clients import ensure_topics
+from crmscore.doc_codec import DocumentError
 from crmscore.settings import Settings
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
 from flows.scoring import build_flow
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         flow = build_flow(settings, tail=not args.until_end,
                           on_lost=functools.partial(restart_on_store_lost, settings),
                           rewrite_store=args.rewrite_store)
-    except (AlertRulesError, ModelRegistryError, ChurnModelsError) as exc:
+    except (AlertRulesError, ModelRegistryError, ChurnModelsError, DocumentError) as exc:
         log.error("%s", exc)
         return 2
     ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,

@@ -39,6 +39,7 @@ from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
+from crmscore import doc_codec
 from crmscore.clients import CONSUMER_DEFAULTS, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
@@ -149,10 +150,11 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
     and the outcomes of alerts followed up."""
 
     def __init__(self, resume: bytes | None, bundles: BundleCache, layout: RedisLayout,
-                 rules: AlertRules | None, rewrite: bool = False) -> None:
+                 rules: AlertRules | None, rewrite: bool = False, compress: bool = True) -> None:
         self.customer: ScoredCustomer | None = None if resume is None else pickle.loads(resume)
         self.bundles = bundles
         self.layout = layout
+        self.compress = compress  # crmscore/doc_codec.py
         self.rules = rules
         # Redis lost the documents (flows/store_marker.py): write this one again at once.
         self.rewrite = rewrite and self.customer is not None
@@ -202,7 +204,10 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         if doc is None or doc["version"] != customer.version:
             doc = customer.document(bundle, out)
         self.rewrite = False
-        return VersionedDoc(self.layout.score(cid), customer.version, orjson.dumps(doc),
+        stored = orjson.dumps(doc)
+        if self.compress:
+            stored = doc_codec.encode(stored)
+        return VersionedDoc(self.layout.score(cid), customer.version, stored,
                             self.layout.updates(cid))
 
     def notify_at(self) -> datetime | None:
@@ -301,6 +306,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     started_ms = time.time_ns() // 1_000_000  # wake-ups written before are stale
     rules = load_rules(settings.alert_rules or None)  # a bad file stops the start here
     make_models(settings.churn_models)  # so does an unknown model family
+    compress = doc_codec.compression_on(settings.doc_compression)  # and a bad value here
     bundles = shared_cache(settings, ModelBundle(config=config))  # frozen: read here, once
     with redis_client(settings) as client:
         rewrite = claim_store(client, layout) or rewrite_store
@@ -322,7 +328,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # (customer_id, Accepted | Wake)
     results = op.stateful_batch(
         "customers", by_customer,
-        lambda resume: CustomerLogic(resume, bundles, layout, rules, rewrite),
+        lambda resume: CustomerLogic(resume, bundles, layout, rules, rewrite, compress),
     )
     results = op.key_rm("drop_customer_key", results)
     scores, refused_late, counts, registrations, alerts, outcomes, learning = split(

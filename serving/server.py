@@ -27,6 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from crmscore.doc_codec import DocumentError, decode
 from crmscore.settings import Settings
 from crmscore.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.auth import ApiKeys, auth_enabled
@@ -36,7 +37,7 @@ from serving.convert import (
     score_message,
     status_message,
 )
-from serving.errors import InvalidArgument, NotFound, ServingError, Unavailable
+from serving.errors import DataError, InvalidArgument, NotFound, ServingError, Unavailable
 from serving.interceptors import Registrar
 from serving.metrics import REDIS_UP
 from serving.store import ScoreStore
@@ -160,7 +161,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         by_segment: Counter[str] = Counter()
         total = 0
         for raw in self.store.iter_docs(_remaining(context)):
-            d = orjson.loads(raw)
+            try:
+                d = orjson.loads(decode(raw))
+            except (DocumentError, orjson.JSONDecodeError) as exc:
+                raise DataError(f"unreadable score document in Redis: {exc!r}") from exc
             total += 1
             by_stage_tier[(d.get("lifecycle_stage") or "", d.get("value_tier") or "")] += 1
             by_segment[(d.get("rfm") or {}).get("segment") or ""] += 1

@@ -17,6 +17,7 @@ import orjson
 import redis
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
+from crmscore.doc_codec import decode
 from crmscore.layout import RedisLayout
 
 if TYPE_CHECKING:
@@ -145,7 +146,8 @@ def score_documents(conn: redis.Redis, layout: RedisLayout) -> dict[str, dict[st
     for key in keys:
         pipe.hget(key, "doc")
     docs = pipe.execute()
-    return {layout.customer_id(k): orjson.loads(d) for k, d in zip(keys, docs, strict=True)}
+    return {layout.customer_id(k): orjson.loads(decode(d))
+            for k, d in zip(keys, docs, strict=True)}
 
 
 def read_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 30

@@ -17,6 +17,7 @@ import orjson
 import pytest
 import redis
 
+from crmscore.doc_codec import ZSTD_MAGIC
 from crmscore.embedded import Server
 from tests.pipeline import (
     PARTITIONS,
@@ -56,12 +57,20 @@ def test_flow_matches_recomputation(broker, redis_url, unique, tmp_path, dataset
     assert proc.wait(300) == 0
     conn = redis.Redis.from_url(redis_url)
     check_final_state(env, conn, expected, len(lines))
+    stored = stored_documents(conn, env)
+    assert stored and all(raw.startswith(ZSTD_MAGIC) for raw in stored.values())
     letters = read_topic(env.bootstrap, env.dlq, PARTITIONS)
     assert len(letters) == expected.rejected  # uninterrupted: no re-delivered letters
     assert {orjson.loads(v)["reason"]["code"] for *_, v in letters} >= {
         "not_json", "not_object", "schema_violation", "amount_not_finite", "future_event",
         "conflicting_duplicate"}
     check_grpc_serves_the_same(env, expected)
+
+
+def stored_documents(conn: redis.Redis, env: FlowEnv) -> dict[bytes, bytes]:
+    """Every score document as stored (crmscore/doc_codec.py), by key."""
+    keys = list(conn.scan_iter(match=env.layout.score_pattern(), count=1000))
+    return dict(zip(keys, (conn.hget(k, "doc") for k in keys), strict=True))
 
 
 def check_grpc_serves_the_same(env: FlowEnv, expected: Expected) -> None:
@@ -116,17 +125,24 @@ def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, 
 
 
 def test_restart_resumes_from_snapshot(broker, redis_url, unique, tmp_path, dataset):
-    """A stopped flow continues where it stopped: nothing re-read, nothing counted twice."""
+    """A stopped flow continues where it stopped: nothing re-read, nothing counted twice.
+    The first run stores plain JSON documents, the second compresses (an upgrade): the
+    store holds both, and both are read."""
     lines, expected = dataset
     env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
     half = len(lines) // 2
     publish(env, lines[:half])
-    assert env.start_flow("--until-end").wait(300) == 0
+    assert env.start_flow("--until-end", CRMSCORE_DOC_COMPRESSION="off").wait(300) == 0
     conn = redis.Redis.from_url(redis_url)
     assert status(conn, env.layout)["events_consumed"] == half
+    plain = stored_documents(conn, env)
+    assert plain and all(raw.startswith(b"{") for raw in plain.values())
     publish(env, lines[half:])
     assert env.start_flow("--until-end").wait(300) == 0
     check_final_state(env, conn, expected, len(lines))
+    kinds = {raw[:1] for raw in stored_documents(conn, env).values()}
+    assert ZSTD_MAGIC[:1] in kinds  # and JSON for any customer untouched since
+    check_grpc_serves_the_same(env, expected)
     # Had the second run started over, the first half's dead letters would be sent twice.
     assert len(read_topic(env.bootstrap, env.dlq, PARTITIONS)) == expected.rejected
 
