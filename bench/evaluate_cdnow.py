@@ -132,9 +132,19 @@ def main() -> int:
           f"{actual.sum():,} purchase days in the {HOLDOUT_DAYS}-day holdout")
     print(f"served model: {report.get('model_version')}; served scores are as of "
           f"{np.median(lag):.0f} days before the cut at the median (max {lag.max():.0f})")
+    for p in report.get("churn", {}).get("promotions", []):
+        print(f"  promotion {p['from']} -> {p['to']} ({p['version']}) on "
+              f"{datetime.fromtimestamp(p['at_us'] / 1e6, UTC):%Y-%m-%d} after "
+              f"{p['labels']:,} labels: {p['metric']} {p['champion_value']:.3f} -> "
+              f"{p['challenger_value']:.3f}")
     for name, m in report.get("churn", {}).get("models", {}).items():
         print(f"  arena {name:8s} matured labels {m['matured_labels']:7d}  " + "  ".join(
             f"{k} {v:.3f}" for k, v in m["metrics"].items() if isinstance(v, float)))
+        for kind, st in m.get("strata", {}).items():
+            print(f"    {kind:8s} labels {st['matured_labels']:7d}  " + "  ".join(
+                f"{k} {st['metrics'][k]:.3f}" for k in ("auc", "recent_auc", "log_loss",
+                                                        "recent_log_loss")
+                if isinstance(st["metrics"].get(k), float)))
     print(f"\n{'churn: P(no purchase in 90 days)':38s} {'ROC AUC':>8s}")
     for name, score in (("churn_risk (pipeline, served)", risk),
                         ("days since last purchase", recency),

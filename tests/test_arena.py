@@ -117,6 +117,49 @@ def test_log_loss_can_be_the_promotion_metric() -> None:
         ArenaConfig(metric="accuracy")
 
 
+def test_a_model_wrong_about_buyers_is_not_promoted_for_being_right_about_silent_ones():
+    """Strata: 90% of the labels come from silent customers, where "pooled" is sharp; at
+    purchases it is confidently wrong. Pooled over all labels it measures better than
+    "steady" (the control); per stratum it loses on buyers, and is not promoted."""
+    arena = arena_of(("steady", "st"), ("pooled", "pw"), metric="recent_log_loss",
+                     patience=2)
+    rng = random.Random(11)
+    for i in range(8000):
+        silent = rng.random() < 0.9
+        z = rng.gauss(2.0 if silent else -0.5, 2.0)
+        y = int(rng.random() < 1 / (1 + math.exp(-z)))
+        x = {"recency_days": 120.0 if silent else 0.0, "st": z + rng.gauss(0.0, 1.5),
+             "pw": z if silent else -2.0}  # at a purchase: "surely they come back"
+        opened = arena.open(x, opened_at_us=i * DAY_US)
+        arena.learn(mature_on_clock(opened, (i + 91) * DAY_US) if y
+                    else mature_on_purchase(opened, (i + 1) * DAY_US))
+    pooled = {name: m.recent_log_loss for name, m in arena.metrics.items()}
+    assert pooled["pooled"] < pooled["steady"] - 0.03  # pooled, "pooled" would win
+    strata = {name: {k: m.labels for k, m in arena.strata[name].items()}
+              for name in arena.models}
+    assert strata["steady"]["purchase"] > 600 and strata["steady"]["silence"] > 6000
+    assert arena.stratified("pooled") > arena.stratified("steady")
+    assert arena.champion == "steady" and not arena.promotions
+    report = arena.report()["models"]["pooled"]
+    assert report["promotion_metric"] == arena.stratified("pooled")
+    assert report["strata"]["purchase"]["matured_labels"] == strata["pooled"]["purchase"]
+
+
+def test_no_promotion_on_labels_that_could_only_say_came_back():
+    """A stream's first horizon matures only "came back" labels (a purchase closes a
+    prediction at once; "churned" needs the whole horizon). A model that always says
+    "they come back" looks perfect on them: it must not be promoted until both label
+    values have been seen."""
+    arena = arena_of(("fair", "f"), ("sure", "s"), metric="recent_log_loss", patience=2)
+    x = {"f": 0.0, "s": -5.0}  # 0.5 vs 0.007
+    for i in range(3000):
+        arena.learn(mature_on_purchase(arena.open(x, opened_at_us=i * DAY_US),
+                                       (i + 1) * DAY_US))
+    assert arena.metrics["sure"].recent_log_loss < arena.metrics["fair"].recent_log_loss
+    assert arena.stratified("sure") is None and arena.evaluations == 12
+    assert arena.champion == "fair" and not arena.promotions
+
+
 def test_cold_start_serves_the_prior_until_min_labels() -> None:
     arena = ChurnArena(config=ArenaConfig(min_labels=50))  # the real model families
     x = {"purchases": 2.0, "gap_last_days": 30.0}
