@@ -1,7 +1,7 @@
 """The score store on a Redis Cluster: each command goes to the node owning its key.
 
-Same contract as :class:`serving.store.ScoreStore`, which hands itself over to this
-class when ``CRMSCORE_REDIS_CLUSTER=on``: every call bounded by ``redis_timeout`` or the
+Same contract as :class:`serving.store.ScoreStore` (``open_store`` returns this class
+when ``CRMSCORE_REDIS_CLUSTER=on``): every call bounded by ``redis_timeout`` or the
 caller's nearer deadline, :class:`~serving.errors.Unavailable` instead of a hang,
 :class:`~serving.errors.DataError` for a refused command. Same transport too: each
 thread keeps its own connection, here one per node, and sends packed commands. A call's

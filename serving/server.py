@@ -40,7 +40,7 @@ from serving.convert import (
 from serving.errors import DataError, InvalidArgument, NotFound, ServingError, Unavailable
 from serving.interceptors import Registrar
 from serving.metrics import REDIS_UP
-from serving.store import ScoreStore
+from serving.store import ScoreStore, open_store
 from serving.threads import CallRouter
 from serving.watch import CLOSED, RESYNC, UpdateHub
 
@@ -309,7 +309,7 @@ def create_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    store = ScoreStore(settings)
+    store = open_store(settings)
     hub = UpdateHub(settings, max_watchers=settings.max_watchers)
     registrar = Registrar(server, keys if auth else None)  # auth, metrics, error statuses
     scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(store, hub), registrar)

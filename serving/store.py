@@ -28,17 +28,18 @@ _FAILURES = (redis.ConnectionError, redis.TimeoutError, OSError)
 SCAN_COUNT = 1000
 
 
+def open_store(settings: Settings) -> ScoreStore:
+    """The store for ``settings``: on a Redis Cluster a ClusterScoreStore, the same reads
+    each sent to the node owning its key."""
+    if settings.redis_cluster:
+        from serving.cluster_store import ClusterScoreStore  # it builds on this module
+
+        return ClusterScoreStore(settings)
+    return ScoreStore(settings)
+
+
 class ScoreStore:
     """Score documents, pipeline status, model report and alert report, read from Redis."""
-
-    def __new__(cls, settings: Settings) -> ScoreStore:
-        """With ``redis_cluster`` the store is a ClusterScoreStore (as ``pathlib.Path()``
-        is a PosixPath): the same reads, each sent to the node owning its key."""
-        if cls is ScoreStore and settings.redis_cluster:
-            from serving.cluster_store import ClusterScoreStore
-
-            return super().__new__(ClusterScoreStore)
-        return super().__new__(cls)
 
     def __init__(self, settings: Settings) -> None:
         self.layout = RedisLayout(settings.redis_prefix)
@@ -48,7 +49,7 @@ class ScoreStore:
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
         )
-        assert isinstance(client, redis.Redis)  # a cluster gets a ClusterScoreStore
+        assert isinstance(client, redis.Redis)  # a cluster gets a ClusterScoreStore: open_store
         self.client = client
         self._pool = self.client.connection_pool
         self._local = threading.local()  # .conn: this thread's connection

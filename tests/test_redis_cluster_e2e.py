@@ -41,7 +41,7 @@ from flows.store_marker import claim_store
 from models.scoring import ModelBundle
 from serving.cluster_store import ClusterScoreStore
 from serving.errors import Unavailable
-from serving.store import ScoreStore
+from serving.store import open_store
 from tests.pipeline import (
     FlowEnv,
     admin_client,
@@ -263,7 +263,7 @@ def test_store_follows_a_slot_migration_and_survives_a_node_down(unique):
     settings = Settings(redis_url=own.url, redis_cluster=True, redis_prefix=f"g{unique}:",
                         redis_timeout=0.3)
     layout = RedisLayout(settings.redis_prefix)
-    store = ScoreStore(settings)
+    store = open_store(settings)
     try:
         assert isinstance(store, ClusterScoreStore)
         ids = [f"c{i}" for i in range(60)]
