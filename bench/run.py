@@ -1,7 +1,7 @@
 """The benchmark harness: one command, every figure of the performance issue, results
 written to bench/RESULTS.md with the machine's facts.
 
-    .venv/bin/python -m bench.run            # full sizes, ~10-15 min on the 2-core box
+    .venv/bin/python -m bench.run            # full sizes, ~6-15 min on the 2-core box
     .venv/bin/python -m bench.run --quick    # smoke sizes, ~1 min
 
 Measures, in this order (each module's docstring says how):
@@ -10,8 +10,8 @@ Measures, in this order (each module's docstring says how):
 2. freshness: event produced -> score visible through gRPC, at 1k and 5k events/s
    (bench/freshness.py);
 3. serving: GetScore / BatchGetScores latency and peak QPS vs echo (bench/serving_api.py);
-4. memory: Redis and flow bytes per customer, recovery snapshot size and resume time
-   (bench/memory.py);
+4. memory: Redis and flow bytes per customer, recovery snapshot size and resume time;
+   Redis at 100k and 1M customers (bench/memory.py);
 5. scaling: 1 vs 2 flow processes on a 4-partition topic (bench/scaling.py).
 
 Freshness, memory and scaling share one private broker and Redis; throughput and
@@ -51,13 +51,15 @@ class Sizes:
     serving_seconds: float
     flow_customers: int  # memory and scaling
     freshness_rates: tuple[float, ...] = (1000.0, 5000.0)
+    redis_scales: tuple[int, ...] = memory.SCALES
 
 
 FULL = Sizes(throughput_customers=5000, freshness_customers=2000, freshness_watched=50,
              freshness_seconds=20, freshness_wait_s=20, serving_seconds=5,
              flow_customers=15_000)
 QUICK = Sizes(throughput_customers=300, freshness_customers=300, freshness_watched=10,
-              freshness_seconds=5, freshness_wait_s=8, serving_seconds=1, flow_customers=300)
+              freshness_seconds=5, freshness_wait_s=8, serving_seconds=1, flow_customers=300,
+              redis_scales=(10_000,))
 
 
 @dataclass
@@ -178,7 +180,10 @@ def _flow_runs(report: Report, sizes: Sizes, stack: Stack, only: list[str]) -> N
         result = memory.measure(runs.one_pipeline, runs.one, runs.empty,
                                 runs.used_memory_before, runs.events)
         report.summary += result.summary()
-        return result.markdown()
+        scales = [memory.redis_at_scale(runs.one_pipeline, n) for n in sizes.redis_scales]
+        for scale in scales:
+            report.summary += scale.summary()
+        return [*result.markdown(), "", *memory.scale_markdown(scales)]
 
     def measure_scaling() -> list[str]:
         runs = shared()
