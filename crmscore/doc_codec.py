@@ -2,9 +2,10 @@
 
 A score document is ~1.2 KB of JSON whose keys and words repeat from one customer to the
 next. zstd with a dictionary trained on such documents (``score_doc.zdict``, 8 KB, in
-this package) stores it in ~110 bytes, in ~4 µs, and reads it back in ~2 µs (measured on
-23,500 CDNOW documents not used in training: zlib gave ~590 bytes in 37-51 µs). Redis
-then holds ~300 bytes per customer instead of ~1,500.
+this package: 1,500 generated and 1,500 CDNOW documents) stores it in 120-195 bytes, in
+3-5 µs, and reads it back in ~2 µs (measured on documents not used in training; zlib
+gave ~590 bytes in 37-51 µs). Redis then holds ~490 bytes per customer instead of
+~1,520 (MEMORY USAGE, `python -m bench.run --only memory`).
 
 The flow compresses what it writes (``CRMSCORE_DOC_COMPRESSION=zstd``, the default;
 ``off`` writes plain JSON). Readers take both: a zstd frame starts with its magic number,
@@ -84,7 +85,10 @@ def decode(stored: bytes) -> bytes:
     try:
         return _decompressor().decompress(stored)
     except zstandard.ZstdError as exc:
-        frame_dict = zstandard.get_frame_parameters(stored).dict_id
+        try:
+            frame_dict = zstandard.get_frame_parameters(stored).dict_id
+        except zstandard.ZstdError:  # not even a readable frame header
+            frame_dict = 0
         ours = dictionary().dict_id()
         if frame_dict not in (0, ours):
             raise DocumentError(f"document compressed with dictionary {frame_dict}, this "

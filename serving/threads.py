@@ -6,8 +6,9 @@ share the server and want opposite things:
 
 - unary calls (GetScore, BatchGetScores...) are short and wait on Redis. Every thread
   that wakes from that wait must win the GIL back, and the more threads there are, the
-  longer a waking one waits: on 2 cores, 64 GetScore calls in flight gave 1,709 QPS with
-  32 threads and 3,877 with 4 (echo: 4,158 and 5,520; ``python -m serving.bench``);
+  longer a waking one waits: on 2 cores, 64 GetScore calls in flight gave 1,559-1,709
+  QPS with 32 threads and 2,100-3,100 with 2-4 (echo: 4,200-6,500;
+  ``python -m serving.bench``);
 - server streams (WatchCustomer, health Watch) live for minutes, mostly asleep, and each
   holds its thread the whole time: a few threads would be taken by a few watchers.
 

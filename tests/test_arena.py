@@ -222,6 +222,19 @@ def test_the_arena_pickles_with_its_promotion_state() -> None:
     assert copy.report() == arena.report()
 
 
+def test_an_arena_snapshotted_before_the_strata_resumes_with_empty_ones() -> None:
+    arena = arena_of(("weak", "w"), ("good", "g"), evaluate_every=200)
+    feed(arena, 500, seed=9, noise={"w": 3.0, "g": 0.3})
+    state = dict(arena.__dict__)
+    del state["strata"]  # what a snapshot of the previous version holds
+    old = ChurnArena.__new__(ChurnArena)
+    old.__setstate__(state)
+    assert {k: m.labels for k, m in old.strata["good"].items()} == {"purchase": 0,
+                                                                    "silence": 0}
+    feed(old, 100, seed=10, noise={"w": 3.0, "g": 0.3})
+    assert old.strata["good"]["purchase"].labels == 100 and old.metrics["good"].labels == 600
+
+
 def test_config_and_champion_are_checked() -> None:
     with pytest.raises(ValueError, match="champion 'x'"):
         ChurnArena({"a": FeatureModel("a", "a")}, champion="x")

@@ -46,6 +46,8 @@ def test_a_corrupt_frame_is_a_clear_error() -> None:
         decode(bytes(stored))
     with pytest.raises(DataError, match="unreadable score document"):
         score_message(bytes(stored))
+    with pytest.raises(DocumentError, match="corrupt compressed document"):
+        decode(ZSTD_MAGIC + b"\xff" * 3)  # not even a frame header
 
 
 def test_a_frame_of_another_dictionary_names_it() -> None:
