@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -97,6 +99,7 @@ class Freshness:
     lag_after_wait: int
     consumed_rate: float  # events/s the flow consumed while publishing
     watch_errors: dict[str, int]
+    in_redis_s: list[float]  # every customer: occurred_at -> document published (sorted)
 
     @property
     def unseen(self) -> int:
@@ -131,9 +134,12 @@ class Freshness:
 
     def row(self) -> str:
         target, met = self.target
+        in_redis = (f"{percentile(self.in_redis_s, 0.5) * 1e3:,.1f} / "
+                    f"{percentile(self.in_redis_s, 0.99) * 1e3:,.1f} "
+                    f"({len(self.in_redis_s):,} documents)")
         return (f"| {self.rate:,.0f} | {self.achieved_rate:,.0f} | {self.consumed_rate:,.0f} | "
                 f"{len(self.latencies_s):,} of {self.expected:,} | {self.ms(0.5)} | "
-                f"{self.ms(0.99)} | {self.lag_at_end:,} / {self.lag_after_wait:,} | "
+                f"{self.ms(0.99)} | {in_redis} | {self.lag_at_end:,} / {self.lag_after_wait:,} | "
                 f"{target}{': ' + met if met else ''} |")
 
     def note(self) -> str:
@@ -154,11 +160,14 @@ def markdown(results: list[Freshness]) -> list[str]:
         f"`crmscore flow` (tail mode, recovery on) and `crmscore serve` (auth off) as child "
         f"processes; {first.customers:,} customers, one warm-up purchase each, then "
         f"{first.seconds:g} s of purchases at each rate to random customers; "
-        f"{first.watched} of them watched through WatchCustomer.",
+        f"{first.watched} of them watched through WatchCustomer. \"in Redis\": every "
+        f"customer's document, from its event's occurred_at to its publication on the "
+        f"update channel (bench/redis_probe.py): the flow's share, without the serving path.",
         "",
         "| target rate (events/s) | published/s | flow consumed/s | samples seen | p50 ms "
-        "| p99 ms | lag at end of publishing / after wait (events) | target p99 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| p99 ms | in Redis p50 / p99 ms | lag at end of publishing / after wait (events) "
+        "| target p99 |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(r.row() for r in results),
         "",
         *(r.note() for r in results),
@@ -193,6 +202,10 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
             counts = dict.fromkeys(ids, 1)  # the warm-up purchase
             total = int(rate * seconds)
             consumed_before = pipeline.events_consumed()
+            probe_out = pipeline.directory / "in_redis.json"
+            probe = subprocess.Popen([sys.executable, "-m", "bench.redis_probe", stack.redis_url,
+                                      pipeline.layout.prefix, str(probe_out), str(time.time())])
+            time.sleep(0.5)  # subscribed before the first measured purchase
             started = time.monotonic()
             publish_lines(settings, _paced(ids, counts, total, rate, rng, samples))
             published_s = time.monotonic() - started
@@ -204,6 +217,9 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
             waited_s = time.monotonic() - waited_from
             consumed_after = pipeline.events_consumed()
             latencies_s, unseen = samples.result()
+            probe.terminate()
+            probe.wait(30)
+            in_redis_s = sorted(orjson.loads(probe_out.read_bytes()))
     finally:
         for call in calls:
             call.cancel()
@@ -215,6 +231,7 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         len(latencies_s) + unseen, latencies_s, waited_s,
         published_all - consumed_at_end, published_all - consumed_after,
         (consumed_at_end - consumed_before) / published_s, dict(samples.watch_errors),
+        in_redis_s,
     )
 
 
