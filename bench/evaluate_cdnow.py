@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -132,6 +132,9 @@ def main() -> int:
           f"{actual.sum():,} purchase days in the {HOLDOUT_DAYS}-day holdout")
     print(f"served model: {report.get('model_version')}; served scores are as of "
           f"{np.median(lag):.0f} days before the cut at the median (max {lag.max():.0f})")
+    versions = Counter(docs[c]["model_version"] for c in ids)
+    print("served documents by the model that scored them: " + ", ".join(
+        f"{v} {n:,}" for v, n in versions.most_common()))
     for p in report.get("churn", {}).get("promotions", []):
         print(f"  promotion {p['from']} -> {p['to']} ({p['version']}) on "
               f"{datetime.fromtimestamp(p['at_us'] / 1e6, UTC):%Y-%m-%d} after "
