@@ -133,12 +133,17 @@ class ChurnArena:
         self.positives = 0
         self.generation = 1
         self.champion_since_us: int | None = None  # event time of the last promotion
+        # The newest maturity seen: labels come out of event-time order (a customer's
+        # event catches up wake-ups that matured labels earlier), so a promotion is dated
+        # by this clock, never by the label that happened to trigger it.
+        self.clock_us: int | None = None
         self.streaks = dict.fromkeys(self.models, 0)
         self.evaluations = 0
         self.promotions: deque[dict[str, Any]] = deque(maxlen=PROMOTION_LOG_LEN)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("clock_us", self.champion_since_us)  # an older snapshot
         if "strata" not in state:  # a snapshot from before the strata: they start empty
             self.strata = {name: self._new_strata() for name in self.models}
 
@@ -206,8 +211,10 @@ class ChurnArena:
             model.learn_one(example.features, y)
         self.labels += 1
         self.positives += y
+        at = example.matured_at_us
+        self.clock_us = at if self.clock_us is None else max(self.clock_us, at)
         if self.labels % self.config.evaluate_every == 0:
-            self.evaluate(example.matured_at_us)
+            self.evaluate(self.clock_us)
 
     def _counted(self, name: str) -> list[DelayedLabelMetrics]:
         """The strata of ``name`` with labels; none while one of them has too few."""

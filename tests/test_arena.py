@@ -222,11 +222,32 @@ def test_the_arena_pickles_with_its_promotion_state() -> None:
     assert copy.report() == arena.report()
 
 
+def test_promotions_are_dated_by_the_newest_maturity_not_by_a_late_label() -> None:
+    """A label can mature at an instant older than labels already learned (an event
+    catches up a customer's earlier wake-ups): the promotion log never goes back."""
+    arena = arena_of(("weak", "w"), ("good", "g"), evaluate_every=100, patience=2,
+                     min_labels_to_promote=1000)
+    rng = random.Random(12)
+    newest = 0
+    for i, x, y in labeled_stream(6000, 13, {"w": 3.0, "g": 0.3}):
+        late = rng.random() < 0.3  # opened 60 days before the others of its turn
+        opened = arena.open(x, opened_at_us=(i - (60 if late else 0)) * DAY_US)
+        example = (mature_on_clock(opened, opened.opened_at_us + 91 * DAY_US) if y
+                   else mature_on_purchase(opened, opened.opened_at_us + DAY_US))
+        arena.learn(example)
+        newest = max(newest, example.matured_at_us)
+        if arena.promotions:
+            break
+    (promotion,) = arena.promotions
+    assert example.matured_at_us < newest  # the triggering label was not the newest...
+    assert promotion["at_us"] == newest == arena.champion_since_us  # ...nor its date
+
+
 def test_an_arena_snapshotted_before_the_strata_resumes_with_empty_ones() -> None:
     arena = arena_of(("weak", "w"), ("good", "g"), evaluate_every=200)
     feed(arena, 500, seed=9, noise={"w": 3.0, "g": 0.3})
     state = dict(arena.__dict__)
-    del state["strata"]  # what a snapshot of the previous version holds
+    del state["strata"], state["clock_us"]  # what a snapshot of the previous version holds
     old = ChurnArena.__new__(ChurnArena)
     old.__setstate__(state)
     assert {k: m.labels for k, m in old.strata["good"].items()} == {"purchase": 0,
