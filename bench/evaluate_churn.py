@@ -36,7 +36,7 @@ import orjson
 import redis
 
 from crmscore import embedded
-from crmscore.doc_codec import decode
+from crmscore.doc_codec import load
 from crmscore.layout import RedisLayout
 from crmscore.replay import publish_lines
 from crmscore.settings import Settings
@@ -116,7 +116,7 @@ def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:
         for key in conn.scan_iter(match=layout.score_pattern(), count=1000):
             doc = conn.hget(key, "doc")
             if isinstance(doc, bytes):
-                d = orjson.loads(decode(doc))
+                d = load(doc)
                 docs[d["customer_id"]] = d
         report = orjson.loads(conn.hget(layout.model_report(), "doc") or b"{}")
         return {"docs": docs, "status": st, "report": report}

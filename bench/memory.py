@@ -30,7 +30,7 @@ import orjson
 import redis
 
 from bench.processes import FlowRun, Pipeline, Stack, run_flow_to_end
-from crmscore.doc_codec import decode, encode
+from crmscore.doc_codec import encode, load
 from crmscore.layout import RedisLayout
 from flows.redis_sink import RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store
@@ -146,7 +146,7 @@ def redis_at_scale(pipeline: Pipeline, customers: int) -> RedisAtScale:
     layout = pipeline.layout
     with contextlib.closing(pipeline.stack.redis()) as conn:
         keys = list(conn.scan_iter(match=layout.score_pattern(), count=1000))[:SAMPLE_KEYS]
-        templates = [orjson.loads(decode(cast(bytes, conn.hget(k, "doc")))) for k in keys]
+        templates = [load(cast(bytes, conn.hget(k, "doc"))) for k in keys]
     url = pipeline.stack.redis_url.rsplit("/", 1)[0] + f"/{SCALE_DB}"
     settings = replace(pipeline.settings(), redis_url=url, redis_prefix="scale:")
     scale_layout = RedisLayout(settings.redis_prefix)

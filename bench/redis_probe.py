@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import redis
 
-from crmscore.doc_codec import decode
+from crmscore.doc_codec import load
 from crmscore.layout import RedisLayout
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         if message is None:
             continue
         seen = time.time()
-        occurred = datetime.fromisoformat(orjson.loads(decode(message["data"]))["last_event_at"])
+        occurred = datetime.fromisoformat(load(message["data"])["last_event_at"])
         if occurred.timestamp() >= since:
             latencies.append(seen - occurred.timestamp())
     out.write_bytes(orjson.dumps(latencies))

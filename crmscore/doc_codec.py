@@ -19,6 +19,8 @@ with the dictionary's id, never misread.
 >>> stored = encode(doc)
 >>> stored[:4] == ZSTD_MAGIC, decode(stored) == doc, decode(doc) == doc
 (True, True, True)
+>>> load(stored)["version"]
+3
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import sys
 import threading
 from functools import cache
 from importlib import resources
-from typing import cast
+from typing import Any, cast
 
+import orjson
 import zstandard
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -94,6 +97,15 @@ def decode(stored: bytes) -> bytes:
             raise DocumentError(f"document compressed with dictionary {frame_dict}, this "
                                 f"version knows {ours}: upgrade the reader") from exc
         raise DocumentError(f"corrupt compressed document: {exc}") from exc
+
+
+def load(stored: bytes) -> dict[str, Any]:
+    """A stored document -> the parsed JSON object (DocumentError, or orjson's
+    JSONDecodeError, a ValueError too, when it cannot be read)."""
+    doc = orjson.loads(decode(stored))
+    if not isinstance(doc, dict):
+        raise DocumentError(f"a score document is a JSON object, got {type(doc).__name__}")
+    return doc
 
 
 def train(samples: list[bytes], size: int = 8192) -> bytes:

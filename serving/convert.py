@@ -20,7 +20,7 @@ import orjson
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from crmscore.doc_codec import decode
+from crmscore.doc_codec import load
 from crmscore.v1.scoring_pb2 import AlertReport, CustomerScore, ModelReport, PipelineStatus
 from serving.errors import DataError
 
@@ -112,7 +112,7 @@ def score_message(raw: bytes) -> CustomerScore:
     """One stored score document (crmscore/doc_codec.py) -> CustomerScore; a broken
     document is a DataError."""
     try:
-        return score_from_dict(orjson.loads(decode(raw)))
+        return score_from_dict(load(raw))
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise DataError(f"unreadable score document in Redis: {exc!r}") from exc
 

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import orjson
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from crmscore.doc_codec import DocumentError, decode
+from crmscore.doc_codec import load
 from crmscore.settings import Settings
 from crmscore.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.auth import ApiKeys, auth_enabled
@@ -162,8 +161,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         total = 0
         for raw in self.store.iter_docs(_remaining(context)):
             try:
-                d = orjson.loads(decode(raw))
-            except (DocumentError, orjson.JSONDecodeError) as exc:
+                d = load(raw)
+            except ValueError as exc:  # DocumentError, orjson.JSONDecodeError
                 raise DataError(f"unreadable score document in Redis: {exc!r}") from exc
             total += 1
             by_stage_tier[(d.get("lifecycle_stage") or "", d.get("value_tier") or "")] += 1

@@ -17,7 +17,7 @@ import orjson
 import redis
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from crmscore.doc_codec import decode
+from crmscore.doc_codec import load
 from crmscore.layout import RedisLayout
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def score_documents(conn: redis.Redis, layout: RedisLayout) -> dict[str, dict[st
     for key in keys:
         pipe.hget(key, "doc")
     docs = pipe.execute()
-    return {layout.customer_id(k): orjson.loads(decode(d))
+    return {layout.customer_id(k): load(d)
             for k, d in zip(keys, docs, strict=True)}
 
 

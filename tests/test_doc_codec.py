@@ -58,6 +58,13 @@ def test_a_frame_of_another_dictionary_names_it() -> None:
         decode(stored)
 
 
+def test_a_document_that_is_not_a_json_object_is_refused() -> None:
+    with pytest.raises(DocumentError, match="a JSON object, got list"):
+        doc_codec.load(encode(b"[1, 2]"))
+    with pytest.raises(DataError, match="unreadable score document"):
+        score_message(encode(b"[1, 2]"))
+
+
 def test_the_setting_is_checked() -> None:
     assert compression_on("zstd") and compression_on(" ZSTD ") and not compression_on("off")
     with pytest.raises(DocumentError, match="expected 'zstd' or 'off'"):
