@@ -89,16 +89,6 @@ class ClusterScoreStore(ScoreStore):
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def _call(
-        self,
-        op: str,
-        commands: list[tuple[Any, ...]],
-        timeout: float | None = None,
-        *,
-        deadline: float | None = None,
-    ) -> list[Any]:
-        return self._send(op, commands, self._deadline(timeout) if deadline is None else deadline)
-
     def _send(self, op: str, commands: list[tuple[Any, ...]], deadline: float,
               nodes: Sequence[ClusterNode] | None = None) -> list[Any]:
         """Replies to ``commands``, each sent to the owner of its key (or to ``nodes[i]``)."""

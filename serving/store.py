@@ -128,9 +128,12 @@ class ScoreStore:
         *,
         deadline: float | None = None,
     ) -> list[Any]:
+        """Replies to ``commands``, read before ``deadline`` (else ``timeout`` from now,
+        capped by ``redis_timeout``)."""
+        return self._send(op, commands, self._deadline(timeout) if deadline is None else deadline)
+
+    def _send(self, op: str, commands: list[tuple[Any, ...]], deadline: float) -> list[Any]:
         """Send ``commands`` in one write and read their replies before ``deadline``."""
-        if deadline is None:
-            deadline = self._deadline(timeout)
         if deadline <= time.monotonic():
             raise DeadlineExceeded(f"the deadline passed before Redis was asked ({op})")
         conn = getattr(self._local, "conn", None)
