@@ -105,9 +105,13 @@ def publish_lines(
     limit: int | None = None,
     progress: bool = False,
     total: int | None = None,
+    kafka: Producer | None = None,
 ) -> int:
     """Publish each line as one message keyed by :func:`customer_key`; returns how many
-    were delivered. Raises :class:`ReplayError` unless every message was delivered."""
+    were delivered. Raises :class:`ReplayError` unless every message was delivered.
+
+    ``kafka`` is a producer to reuse: a new one spends its first ~second connecting and
+    getting its idempotent producer id, with the first messages waiting in its queue."""
     topic = settings.transactions_topic
     try:
         ensure_topics(settings, [topic], timeout=10.0)
@@ -115,7 +119,7 @@ def publish_lines(
         raise ReplayError(
             f"could not find or create topic {topic!r} at {settings.kafka_bootstrap}: {exc}"
         ) from exc
-    kafka = producer(settings)
+    kafka = kafka or producer(settings)
     report = DeliveryReport()
     bucket = TokenBucket(rate) if rate else None
     sent = 0

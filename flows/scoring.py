@@ -35,7 +35,6 @@ from typing import Any, TypeGuard
 import bytewax.operators as op
 import orjson
 from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
-from bytewax.connectors.kafka import operators as kop
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
@@ -46,7 +45,8 @@ from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
 from flows.clock import ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
-from flows.kafka_sink import KafkaTopicSink
+from flows.kafka_sink import KafkaTopicSink, kafka_output
+from flows.kafka_source import kafka_input
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
@@ -315,7 +315,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
                     "data): customers resumed from a snapshot rewrite their documents")
 
     flow = Dataflow("crmscore")
-    kafka = kop.input(
+    kafka = kafka_input(
         "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic, timers_topic],
         tail=tail, add_config={**CONSUMER_DEFAULTS, **kafka_config},
     )
@@ -336,8 +336,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # learning: LabeledExample | PopulationRow
 
     live = op.filter("live_alerts", alerts, is_published)
-    op.output("alerts_out", op.map("alert_message", live, alert_message),
-              KafkaTopicSink(settings, settings.alerts_topic))
+    kafka_output("alerts_out", op.map("alert_message", live, alert_message),
+                 KafkaTopicSink(settings, settings.alerts_topic))
     alert_report = op.stateful_batch(
         "alert_report",
         op.key_on("alert_report_key", op.merge("alert_report_in", alerts, outcomes),
@@ -347,8 +347,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
 
     refused_early = op.merge("refused_early", refused_or_not.trues, broken)
     refused = op.merge("all_refused", refused_early, refused_late)
-    op.output("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
-              KafkaTopicSink(settings, settings.dlq_topic))
+    kafka_output("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
+                 KafkaTopicSink(settings, settings.dlq_topic))
 
     # Customers count what they refuse; count the transactions refused before them here
     # (a malformed wake-up is not a transaction: dead-lettered, not counted).
@@ -368,8 +368,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # to_buckets: (bucket, Registration | Tick)
     fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
     wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
-    op.output("wake_ups", op.map("encode_wake", wakes, encode_wake),
-              KafkaTopicSink(settings, timers_topic))
+    kafka_output("wake_ups", op.map("encode_wake", wakes, encode_wake),
+                 KafkaTopicSink(settings, timers_topic))
 
     models: Stream[tuple[str, VersionedDoc]] = op.stateful_batch(
         "models", op.key_on("models_key", learning, lambda _: "models"),

@@ -1,0 +1,80 @@
+"""The flow's own Kafka input and output (flows/kafka_source.py, flows/kafka_sink.py),
+against the real broker: the sink hands messages over without waiting and answers for
+them at the end of the epoch; the source reads everything without waiting on an empty
+partition."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, run_main
+from confluent_kafka import Consumer, TopicPartition
+
+from crmscore.clients import CONSUMER_DEFAULTS, ensure_topics, producer
+from crmscore.embedded import Server
+from crmscore.settings import Settings
+from flows.kafka_sink import KafkaTopicSink
+from flows.kafka_source import kafka_input
+
+
+def settings_for(broker: Server, **changes: str) -> Settings:
+    return dataclasses.replace(Settings.from_env({}), kafka_bootstrap=broker.address, **changes)
+
+
+def read_all(broker: Server, topic: str, expected: int) -> list[tuple[bytes | None, bytes]]:
+    consumer = Consumer({"bootstrap.servers": broker.address, "group.id": "test",
+                         "enable.partition.eof": True, **CONSUMER_DEFAULTS})
+    consumer.assign([TopicPartition(topic, 0, 0)])
+    got: list[tuple[bytes | None, bytes]] = []
+    try:
+        for _ in range(200):
+            for msg in consumer.consume(100, 0.1):
+                if msg.error() is None:
+                    got.append((msg.key(), msg.value()))
+            if len(got) >= expected:
+                break
+    finally:
+        consumer.close()
+    return got
+
+
+def test_sink_writes_without_waiting_and_answers_for_it_at_the_epoch(broker, unique):
+    settings = settings_for(broker, topic_partitions=1)
+    topic = f"{unique}-sink"
+    ensure_topics(settings, [topic])
+    part = KafkaTopicSink(settings, topic).build_part("out", "0", None)
+    part.write_batch([(b"c-1", b"one"), (None, b"two")])
+    part.snapshot()  # the end of the epoch: both acknowledged
+    assert read_all(broker, topic, 2) == [(b"c-1", b"one"), (None, b"two")]
+    part.close()
+
+
+def test_sink_failure_stops_the_epoch_not_the_write(unique):
+    # No broker on that port: deliveries time out after a second.
+    settings = dataclasses.replace(Settings.from_env({}), kafka_bootstrap="127.0.0.1:1",
+                                   kafka_config="message.timeout.ms=1000")
+    part = KafkaTopicSink(settings, f"{unique}-nowhere").build_part("out", "0", None)
+    part.write_batch([(b"c-1", b"lost?")])  # returns at once: nothing is waited for here
+    with pytest.raises(RuntimeError, match=r"nowhere.*1 failed"):
+        part.snapshot()  # ... but the epoch cannot be committed with it undelivered
+
+
+def test_source_reads_every_partition_to_the_end(broker, unique):
+    settings = settings_for(broker, topic_partitions=3)
+    topics = [f"{unique}-a", f"{unique}-b"]  # the second stays empty, like idle wake-ups
+    ensure_topics(settings, topics)
+    kafka = producer(settings)
+    for n in range(30):
+        kafka.produce(topics[0], value=str(n).encode(), partition=n % 3)
+    assert kafka.flush(10) == 0
+
+    flow = Dataflow("source_test")
+    inp = kafka_input("kafka_in", flow, brokers=[broker.address], topics=topics, tail=False,
+                      add_config=dict(CONSUMER_DEFAULTS))
+    got: list[bytes] = []
+    op.output("out", op.map("value", inp.oks, lambda m: m.value), TestingSink(got))
+    run_main(flow)
+    assert sorted(int(v) for v in got) == list(range(30))
