@@ -1,12 +1,15 @@
 """Freshness: from an event's publication to its score being visible through gRPC.
 
 On the private broker and Redis, ``crmscore flow`` (tail mode, recovery on, as
-deployed) and ``crmscore serve`` (auth off) run as child processes. Every customer of
-the run first gets one purchase (warm-up: no customer is new while measuring, and the
-flow is past its start). WatchCustomer streams then open on a sample of customers, and
-purchases (occurred_at = now) go to customers drawn at random, at a fixed rate for a
-fixed time. A watched customer's k-th purchase is timed from just before it is handed
-to the producer until its watch yields a score document with purchase_count >= k.
+deployed) and ``crmscore serve`` (auth off) run as child processes. The flow first
+replays a year of the customers' history, ending a day before now (``crmscore
+generate``): the customers' state, the fitted BG/NBD population and the churn models are
+those of a running service, not of customers a few seconds old (on such a population
+the BG/NBD fit degenerates and its expectations cost ten times more). WatchCustomer
+streams then open on a sample of customers, and purchases (occurred_at = now, in each
+customer's currency) go to customers drawn at random, at a fixed rate for a fixed time.
+A watched customer's k-th purchase from then on is timed from just before it is handed
+to the producer until its watch yields a score document with k more purchases.
 
 Samples still unseen when the run ends (the flow fell behind) count as slower than
 the wait, so they raise the percentiles instead of vanishing from them. The consumer
@@ -25,7 +28,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -50,6 +54,7 @@ class Samples:
         self._sent: dict[str, dict[int, float]] = {c: {} for c in watched}
         self.latencies_s: list[float] = []
         self.first_doc = {c: threading.Event() for c in watched}
+        self.first_count: dict[str, int] = {}  # purchase_count of each watch's first doc
         self.watch_errors: Counter[str] = Counter()
 
     def sent(self, customer_id: str, purchase_count: int, at: float) -> None:
@@ -61,6 +66,7 @@ class Samples:
             sent = self._sent[customer_id]
             for k in [k for k in sent if k <= purchase_count]:
                 self.latencies_s.append(at - sent.pop(k))
+            self.first_count.setdefault(customer_id, purchase_count)
         self.first_doc[customer_id].set()
 
     def unseen(self) -> int:
@@ -77,12 +83,35 @@ class Samples:
             return sorted(self.latencies_s), sum(len(s) for s in self._sent.values())
 
 
-def purchase(event_id: str, customer_id: str) -> bytes:
+def purchase(event_id: str, customer_id: str, currency: str = "EUR") -> bytes:
     return orjson.dumps({
         "event_id": event_id, "customer_id": customer_id,
         "occurred_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "type": "purchase", "amount": 25.0, "currency": "EUR", "channel": "web",
+        "type": "purchase", "amount": 25.0, "currency": currency, "channel": "web",
     })
+
+
+HISTORY_DAYS = 365
+SETTLE_S = 10.0  # two snapshot intervals
+
+
+def history(directory: Path, customers: int) -> tuple[list[bytes], dict[str, str]]:
+    """A year of clean generated history ending a day before now, and each customer's
+    currency (a purchase in another one would be refused)."""
+    out = directory / "history.jsonl"
+    start = datetime.now(UTC) - timedelta(days=HISTORY_DAYS + 1)
+    subprocess.run(
+        [sys.executable, "-m", "crmscore.cli", "generate", "--customers", str(customers),
+         "--days", str(HISTORY_DAYS), "--start", start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+         "--seed", "11", "--duplicate-rate", "0", "--malformed-rate", "0", "--out", str(out)],
+        check=True, stdout=subprocess.DEVNULL,
+    )
+    lines = out.read_bytes().splitlines()
+    currency: dict[str, str] = {}
+    for line in lines:
+        event = orjson.loads(line)
+        currency.setdefault(event["customer_id"], event["currency"])
+    return lines, currency
 
 
 @dataclass(frozen=True)
@@ -159,7 +188,7 @@ def markdown(results: list[Freshness]) -> list[str]:
     first = results[0]
     return [
         f"`crmscore flow` (tail mode, recovery on) and `crmscore serve` (auth off) as child "
-        f"processes; {first.customers:,} customers, one warm-up purchase each, then "
+        f"processes; {first.customers:,} customers with a year of history replayed first, then "
         f"{first.seconds:g} s of purchases at each rate to random customers; "
         f"{first.watched} of them watched through WatchCustomer. \"in Redis\": every "
         f"customer's document, from its event's occurred_at to its publication on the "
@@ -185,18 +214,26 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         "serve", CRMSCORE_GRPC_ADDRESS=f"127.0.0.1:{port}", CRMSCORE_AUTH="off",
         CRMSCORE_METRICS_PORT="0", CRMSCORE_MAX_WATCHERS=str(watched),
     )
-    ids = [f"f-{n:05d}" for n in range(customers)]
+    lines, currency = history(pipeline.directory, customers)
+    ids = sorted(currency)
     rng = random.Random(11)
     samples = Samples(rng.sample(ids, watched))
     calls: list[Any] = []
     try:
-        # One producer for the warm-up and the measured purchases: a new one holds its
+        # One producer for the history and the measured purchases: a new one holds its
         # first messages for up to a second while it connects (it made ~5% of 20 s at
         # 1,000/s look 0.1-1.1 s late, the whole p99).
         kafka = producer(settings)
-        publish_lines(settings, (purchase(f"w-{c}", c) for c in ids), kafka=kafka)
-        wait_until(lambda: pipeline.events_consumed() >= customers, 300,
-                   "the flow consuming the warm-up purchases", flow)
+        publish_lines(settings, lines, kafka=kafka)
+        wait_until(lambda: pipeline.events_consumed() >= len(lines), 600,
+                   "the flow consuming the customers' history", flow)
+        # Move the stream clock from the history's end to now and let the flow settle:
+        # that jump fires a day of wake-ups at once, and the epoch after the replay
+        # snapshots every customer. Neither is the steady state being measured.
+        publish_lines(settings, [purchase("clock", "clock")], kafka=kafka)
+        wait_until(lambda: pipeline.events_consumed() > len(lines), 120,
+                   "the flow consuming the clock's purchase", flow)
+        time.sleep(SETTLE_S)
         wait_until(lambda: port_open("127.0.0.1", port), 60, "crmscore serve listening", server)
         with ScoringClient(f"127.0.0.1:{port}") as client:
             for customer_id in samples.first_doc:
@@ -204,7 +241,7 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
             wait_until(lambda: all(e.is_set() for e in samples.first_doc.values()), 60,
                        "every watch's first score document", server)
 
-            counts = dict.fromkeys(ids, 1)  # the warm-up purchase
+            counts = dict(samples.first_count)  # the watched customers' purchases so far
             total = int(rate * seconds)
             consumed_before = pipeline.events_consumed()
             probe_out = pipeline.directory / "in_redis.json"
@@ -212,7 +249,8 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
                                       pipeline.layout.prefix, str(probe_out), str(time.time())])
             time.sleep(0.5)  # subscribed before the first measured purchase
             started = time.monotonic()
-            publish_lines(settings, _paced(ids, counts, total, rate, rng, samples), kafka=kafka)
+            publish_lines(settings, _paced(ids, currency, counts, total, rate, rng, samples),
+                          kafka=kafka)
             published_s = time.monotonic() - started
             consumed_at_end = pipeline.events_consumed()
             waited_from = time.monotonic()
@@ -230,7 +268,7 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
             call.cancel()
         server.stop()
         flow.stop()
-    published_all = customers + total
+    published_all = len(lines) + 1 + total
     return Freshness(
         rate, seconds, customers, watched, total, total / published_s,
         len(latencies_s) + unseen, latencies_s, waited_s,
@@ -240,17 +278,17 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
     )
 
 
-def _paced(ids: list[str], counts: dict[str, int], total: int, rate: float,
-           rng: random.Random, samples: Samples) -> Iterator[bytes]:
+def _paced(ids: list[str], currency: dict[str, str], counts: dict[str, int], total: int,
+           rate: float, rng: random.Random, samples: Samples) -> Iterator[bytes]:
     """``total`` purchases at ``rate``, noting the produce time of the watched ones."""
     bucket = TokenBucket(rate)
     watched = samples.first_doc
     for n in range(total):
         customer_id = ids[rng.randrange(len(ids))]
-        counts[customer_id] += 1
         bucket.take()  # then stamp occurred_at: the wait for a token is not latency
-        line = purchase(f"p-{n}", customer_id)
+        line = purchase(f"p-{n}", customer_id, currency[customer_id])
         if customer_id in watched:
+            counts[customer_id] += 1
             samples.sent(customer_id, counts[customer_id], time.monotonic())
         yield line
 
