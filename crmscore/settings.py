@@ -69,7 +69,10 @@ class Settings:
         ".crmscore/recovery", "bytewax recovery directory (created and initialised when empty)"
     )
     recovery_partitions: int = _setting(1, "recovery partitions created in an empty recovery dir")
-    snapshot_interval: float = _setting(5.0, "seconds between state snapshots (bytewax epoch)")
+    # Each epoch ends with a pause in which bytewax snapshots every key touched in it
+    # (~0.1 ms each, plus ~50 ms for the models): at 300 events/s a 1 s epoch made the
+    # freshness p99 106 ms, a 5 s one 173 ms; replay throughput within noise of each other.
+    snapshot_interval: float = _setting(1.0, "seconds between state snapshots (bytewax epoch)")
     backup_interval: float = _setting(
         0.0, "seconds to keep old snapshots (bytewax backup interval)"
     )
