@@ -100,13 +100,15 @@ def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, 
     env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
     conn = redis.Redis.from_url(redis_url)
     rng = random.Random(5)
-    # A first slice, then the rest published over ~16 s from the moment the first flow is
-    # up (its start-up time varies), while the flow is killed three times at random.
+    # A first slice, then the rest published over ~26 s from the moment the first flow is
+    # up (its start-up time varies), while the flow is killed three times at random. Each
+    # kill waits for the restarted flow to consume again, 4-6 s on a slow 2-core box: at
+    # 1,200 events/s (~17 s) the stream could end before the third kill.
     head = 200
     publish(env, lines[:head])
     proc = env.start_flow()
     wait_for_consumed(conn, env.layout, 1, proc)  # the first flow is up and applying
-    publisher = threading.Thread(target=publish, args=(env, lines[head:], 1200.0))
+    publisher = threading.Thread(target=publish, args=(env, lines[head:], 800.0))
     publisher.start()
     recoveries = []
     for _ in range(3):
