@@ -92,7 +92,7 @@ def purchase(event_id: str, customer_id: str, currency: str = "EUR") -> bytes:
 
 
 HISTORY_DAYS = 365
-SETTLE_S = 10.0  # two snapshot intervals
+SETTLE_S = 10.0  # after the clock jump: its burst of wake-ups, and several epochs
 
 
 def history(directory: Path, customers: int) -> tuple[list[bytes], dict[str, str]]:

@@ -199,7 +199,7 @@ class ScoredCustomer:
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as builtins only (tuples, lists, dicts) behind one function: the flow
         pickles every customer touched in an epoch, in the pause that ends it, and each
-        class in a pickle costs more than its data (51 µs a customer, now ~30)."""
+        class in a pickle costs more than its data (34-51 µs a customer, now 20-24)."""
         followups = [tuple(f) for f in self.followups.items]
         stage = None if self.stage is None else tuple(self.stage)
         pending = None if self.pending is None else tuple(self.pending)
