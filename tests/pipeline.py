@@ -238,14 +238,16 @@ def report_fault(fault: str, injected: int, st: dict[str, Any] | None, mismatche
             f.write(row + "\n")
 
 
-def publish(env: FlowEnv, lines: list[bytes], rate: float | None = None) -> None:
-    """Publish ``lines`` to the env's topic (PARTITIONS partitions), keyed by customer."""
+def publish(env: FlowEnv, lines: list[bytes] | Iterator[bytes], rate: float | None = None,
+            count: int | None = None) -> None:
+    """Publish ``lines`` (``count`` of them, if an iterator) to the env's topic (PARTITIONS
+    partitions), keyed by customer."""
     from crmscore.replay import publish_lines
     from crmscore.settings import Settings
 
     settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS=str(PARTITIONS)))
     published = publish_lines(settings, lines, rate=rate)
-    assert published == len(lines)
+    assert published == (count if count is not None else len(lines))  # type: ignore[arg-type]
 
 
 def check_final_state(env: FlowEnv, conn: redis.Redis, expected: Expected, n_lines: int) -> None:

@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -19,6 +20,7 @@ import redis
 
 from crmscore.doc_codec import ZSTD_MAGIC
 from crmscore.embedded import Server
+from crmscore.replay import TokenBucket
 from tests.pipeline import (
     PARTITIONS,
     FlowEnv,
@@ -100,15 +102,29 @@ def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, 
     env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
     conn = redis.Redis.from_url(redis_url)
     rng = random.Random(5)
-    # A first slice, then the rest published over ~26 s from the moment the first flow is
-    # up (its start-up time varies), while the flow is killed three times at random. Each
-    # kill waits for the restarted flow to consume again, 4-6 s on a slow 2-core box: at
-    # 1,200 events/s (~17 s) the stream could end before the third kill.
-    head = 200
+    # A first slice, then the rest from the moment the first flow is up (its start-up
+    # time varies): at 1,200 events/s, while the flow is killed three times at random.
+    # Each kill waits for the restarted flow to consume again (4-9 s on a slow 2-core
+    # box), so the last 2,000 events only trickle in (20/s) until the third kill is over:
+    # every kill is mid-stream, and there is always a new event to consume, whatever the
+    # machine's speed.
+    head, reserve = 200, 2000
     publish(env, lines[:head])
     proc = env.start_flow()
     wait_for_consumed(conn, env.layout, 1, proc)  # the first flow is up and applying
-    publisher = threading.Thread(target=publish, args=(env, lines[head:], 800.0))
+    kills_done = threading.Event()
+
+    def rest() -> Iterator[bytes]:
+        bucket = TokenBucket(1200.0)
+        for line in lines[head:-reserve]:
+            bucket.take()
+            yield line
+        for line in lines[-reserve:]:
+            kills_done.wait(0.05)
+            yield line
+
+    publisher = threading.Thread(target=publish, args=(env, rest()),
+                                 kwargs={"count": len(lines) - head})
     publisher.start()
     recoveries = []
     for _ in range(3):
@@ -117,6 +133,7 @@ def test_flow_killed_mid_stream_ends_exact(broker, redis_url, unique, tmp_path, 
         assert kill(proc) == -signal.SIGKILL
         proc = env.start_flow()
         recoveries.append(resumes_after(conn, env.layout, time.monotonic()))
+    kills_done.set()
     publisher.join()
     wait_for_consumed(conn, env.layout, len(lines), proc)
     time.sleep(1.0)  # a double count would show up as consumed > lines
