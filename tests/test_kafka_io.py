@@ -11,34 +11,17 @@ import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, run_main
-from confluent_kafka import Consumer, TopicPartition
 
 from crmscore.clients import CONSUMER_DEFAULTS, ensure_topics, producer
 from crmscore.embedded import Server
 from crmscore.settings import Settings
 from flows.kafka_sink import KafkaTopicSink
 from flows.kafka_source import kafka_input
+from tests.pipeline import read_topic
 
 
 def settings_for(broker: Server, **changes: str) -> Settings:
     return dataclasses.replace(Settings.from_env({}), kafka_bootstrap=broker.address, **changes)
-
-
-def read_all(broker: Server, topic: str, expected: int) -> list[tuple[bytes | None, bytes]]:
-    consumer = Consumer({"bootstrap.servers": broker.address, "group.id": "test",
-                         "enable.partition.eof": True, **CONSUMER_DEFAULTS})
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    got: list[tuple[bytes | None, bytes]] = []
-    try:
-        for _ in range(200):
-            for msg in consumer.consume(100, 0.1):
-                if msg.error() is None:
-                    got.append((msg.key(), msg.value()))
-            if len(got) >= expected:
-                break
-    finally:
-        consumer.close()
-    return got
 
 
 def test_sink_writes_without_waiting_and_answers_for_it_at_the_epoch(broker, unique):
@@ -48,7 +31,8 @@ def test_sink_writes_without_waiting_and_answers_for_it_at_the_epoch(broker, uni
     part = KafkaTopicSink(settings, topic).build_part("out", "0", None)
     part.write_batch([(b"c-1", b"one"), (None, b"two")])
     part.snapshot()  # the end of the epoch: both acknowledged
-    assert read_all(broker, topic, 2) == [(b"c-1", b"one"), (None, b"two")]
+    assert [(k, v) for _, _, k, v in read_topic(broker.address, topic, 1)] == [
+        (b"c-1", b"one"), (None, b"two")]
     part.close()
 
 
