@@ -11,7 +11,7 @@ Measures, in this order (each module's docstring says how):
    (bench/freshness.py);
 3. serving: GetScore / BatchGetScores latency and peak QPS vs echo (bench/serving_api.py);
 4. memory: Redis and flow bytes per customer, recovery snapshot size and resume time;
-   Redis at 100k and 1M customers (bench/memory.py);
+   Redis at 100k and 1M customers; the flow's RSS at 20k and 100k customers (bench/memory.py);
 5. scaling: 1 vs 2 flow processes on a 4-partition topic (bench/scaling.py).
 
 Freshness, memory and scaling share one private broker and Redis; throughput and
@@ -53,6 +53,7 @@ class Sizes:
     # 300/s: a load this machine's flow keeps up with; 1k and 5k/s: the rates
     freshness_rates: tuple[float, ...] = (300.0, 1000.0, 5000.0)
     redis_scales: tuple[int, ...] = memory.SCALES
+    flow_scales: tuple[int, ...] = memory.FLOW_SCALES
 
 
 FULL = Sizes(throughput_customers=5000, freshness_customers=2000, freshness_watched=50,
@@ -60,7 +61,7 @@ FULL = Sizes(throughput_customers=5000, freshness_customers=2000, freshness_watc
              flow_customers=15_000)
 QUICK = Sizes(throughput_customers=300, freshness_customers=300, freshness_watched=10,
               freshness_seconds=5, freshness_wait_s=8, serving_seconds=1, flow_customers=300,
-              redis_scales=(10_000,))
+              redis_scales=(10_000,), flow_scales=(500, 1_000))
 
 
 @dataclass
@@ -184,7 +185,13 @@ def _flow_runs(report: Report, sizes: Sizes, stack: Stack, only: list[str]) -> N
         scales = [memory.redis_at_scale(runs.one_pipeline, n) for n in sizes.redis_scales]
         for scale in scales:
             report.summary += scale.summary()
-        return [*result.markdown(), "", *memory.scale_markdown(scales)]
+        flows = []
+        for n in sizes.flow_scales:
+            _progress(f"  the flow over {n:,} customers")
+            flows.append(memory.flow_at_scale(stack, n))
+        report.summary += memory.flow_scale_summary(flows)
+        return [*result.markdown(), "", *memory.scale_markdown(scales), "",
+                *memory.flow_scale_markdown(flows, runs.empty)]
 
     def measure_scaling() -> list[str]:
         runs = shared()

@@ -39,7 +39,7 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
 from crmscore import doc_codec
-from crmscore.clients import CONSUMER_DEFAULTS, redis_client
+from crmscore.clients import CONSUMER_DEFAULTS, SCORING_PREFETCH, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
@@ -317,7 +317,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     flow = Dataflow("crmscore")
     kafka = kafka_input(
         "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic, timers_topic],
-        tail=tail, add_config={**CONSUMER_DEFAULTS, **kafka_config},
+        tail=tail, add_config={**CONSUMER_DEFAULTS, **SCORING_PREFETCH, **kafka_config},
     )
     # KafkaSourceMessage(key=customer_id bytes, value=event JSON or due instant bytes)
     parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us, timers_topic, started_ms))
