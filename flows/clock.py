@@ -20,7 +20,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from crmscore.layout import RedisLayout
 from flows.redis_sink import VersionedDoc
-from flows.timers import BUCKET_US, OpenBuckets, Registration, Wake
+from flows.timers import BUCKET_US, OpenBuckets, Registration, Rescore, RescoreAll, Wake
 from models.transaction import format_time
 
 # How often an idle flow writes its status anyway: the write that notices, within this
@@ -48,9 +48,10 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
     return Counts(applied, duplicate, rejected, clock)
 
 
-class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
+class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]):
     """Sums outcome counts into the pipeline status; keeps the stream clock; routes
-    wake-up registrations (due ones fire at once) and ticks the timer buckets."""
+    wake-up registrations (due ones fire at once), ticks the timer buckets, and passes a
+    change of the served model to every open bucket (flows/timers.py, Promotions)."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
         self.totals, hours = (Counts(), []) if resume is None else _clock_state(resume)
@@ -59,18 +60,29 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration, Any, bytes]):
         # When to write the status again without new counts: at once when resumed (Redis
         # may hold an older one, or none), then every STATUS_HEARTBEAT.
         self.status_due: datetime | None = datetime.now(UTC) if resume is not None else None
+        # The newest bundle that changed the served model: a registration scored with an
+        # older one gets a rescore wake (flows/timers.py, Promotions). Not snapshotted: a
+        # restarted flow's customers read the newest bundle from Redis.
+        self.rescore_version = 0
 
-    def on_batch(self, values: list[Counts | Registration]) -> tuple[list[Any], bool]:
+    def on_batch(self, values: list[Counts | Registration | Rescore]
+                 ) -> tuple[list[Any], bool]:
         counts = [v for v in values if isinstance(v, Counts)]
         self.totals = sum_counts(counts, self.totals)
         clock = self.totals.clock_us
         out: list[Any] = []
         for r in values:
             if isinstance(r, Registration):
+                if 0 < r.bundle_version < self.rescore_version:
+                    out.append(Wake(r.customer_id, 0, bundle_version=self.rescore_version))
                 if clock is not None and r.due_us <= clock:
-                    out.append(Wake(*r))
+                    out.append(r.wake())
                 else:
                     out.append(self.buckets.route(r))
+            elif isinstance(r, Rescore):
+                self.rescore_version = max(self.rescore_version, r.bundle_version)
+                out += [(str(hour), RescoreAll(r.bundle_version))
+                        for hour in self.buckets.hours()]
         if clock is not None:
             out += self.buckets.passed(clock)
         if counts:

@@ -114,6 +114,17 @@ class BundleCache:
                 self._load()
         return self._bundle
 
+    def at_least(self, version: int) -> ModelBundle:
+        """The newest bundle, read from Redis at once if the one in hand is older than
+        ``version`` (a rescore wake names the bundle it was sent for)."""
+        bundle = self.get()
+        if bundle.version >= version or self.frozen:
+            return bundle
+        with self._lock:
+            self._checked_at = time.monotonic()
+            self._load()
+        return self._bundle
+
     def _load(self) -> None:
         try:
             version = self._client.hget(self._key, "v")

@@ -52,6 +52,7 @@ from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
 from flows.timers import (
     Registration,
+    Rescore,
     TimerBucketLogic,
     Wake,
     decode_wake,
@@ -170,7 +171,9 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         changed = False
         for item in values:
             if isinstance(item, Wake):
-                if item.stale:  # from before a restart: fire it again on this run's clock
+                if item.bundle_version:  # the served model changed: rescored below
+                    bundle = self.bundles.at_least(item.bundle_version)
+                elif item.stale:  # from before a restart: fire it again on this run's clock
                     out.registrations.append((item.customer_id, item.due_us))
                 else:
                     changed |= customer.wake(item.due_us, bundle, out, self.rules)
@@ -187,10 +190,13 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
             emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us))
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
             return emitted, StatefulBatchLogic.DISCARD
+        # A score naming a model that no longer serves is redone: on a rescore wake, or on
+        # any batch that did not rescore (a wake that only closed an alert's outcome window).
+        changed |= customer.rescore(bundle, out, self.rules)
         if applied or changed:
             emitted.append(self._document(customer, bundle, out))
         customer.register(bundle, out)
-        emitted += [Registration(*r) for r in out.registrations]
+        emitted += [Registration(*r, bundle.version) for r in out.registrations]
         emitted += out.labels
         emitted += out.population[-1:]  # the newest row replaces the older ones anyway
         emitted += out.alerts
@@ -224,10 +230,12 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         return pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDoc, bytes]):
+class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, Any, bytes]):
     """Learns churn models from matured labels and the population from customers' rows;
-    publishes the model bundle and report every ``publish_seconds`` (wall clock). With
-    ``frozen`` model updates the bundle is published as the candidate, not served."""
+    publishes the model bundle and report every ``publish_seconds`` (wall clock), and a
+    :class:`~flows.timers.Rescore` with a bundle that serves another model than the last
+    one published. With ``frozen`` model updates the bundle is published as the
+    candidate, not served, and nobody is rescored."""
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
                  publish_seconds: float, refit_days: float, frozen: bool,
@@ -240,6 +248,9 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
         self.layout = layout
         self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
         self.frozen = frozen
+        # The served model of the last bundle published (a resumed step assumes it was
+        # published before the restart: customers scored with it then).
+        self.served = self.population.bundle_version_name()
 
     def on_batch(self, values: list[LabeledExample | PopulationRow]) -> tuple[list[Any], bool]:
         population = self.population
@@ -261,14 +272,22 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, VersionedDo
             at = datetime.now(UTC) + FIT_POLL
         return at
 
-    def _publish(self) -> list[VersionedDoc]:
+    def _publish(self) -> list[VersionedDoc | Rescore]:
         population = self.population
         if not self.throttle.due(population.version):
             return []
         report = population.report(format_time(time.time_ns() // 1000))
-        return [bundle_doc(self.layout, population.bundle(), frozen=self.frozen),
-                VersionedDoc(self.layout.model_report(), population.version,
-                             orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))]
+        bundle = population.bundle()
+        out: list[VersionedDoc | Rescore] = [
+            bundle_doc(self.layout, bundle, frozen=self.frozen),
+            VersionedDoc(self.layout.model_report(), population.version,
+                         orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))]
+        if bundle.model_version != self.served and not self.frozen:
+            log.info("served model %s -> %s: rescoring waiting customers (bundle %d)",
+                     self.served, bundle.model_version, bundle.version)
+            out.append(Rescore(bundle.version))
+        self.served = bundle.model_version
+        return out
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self.population, protocol=pickle.HIGHEST_PROTOCOL)
@@ -358,26 +377,30 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
                                                    lambda _: Counts(rejected=1)))
     # One item per batch, not per customer, crosses to the single clock key.
     counts = op.flat_map_batch("sum_counts", counts, lambda batch: [sum_counts(batch)])
-    clock_in = op.merge("clock_in", counts, registrations)
+
+    models = op.stateful_batch(
+        "models", op.key_on("models_key", learning, lambda _: "models"),
+        lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
+                                   settings.btyd_refit_days, bundles.frozen,
+                                   settings.churn_models),
+    )
+    model_docs, rescores = split("models_out", op.key_rm("drop_models_key", models),
+                                 VersionedDoc)
+
+    clock_in = op.merge("clock_in", counts, registrations, rescores)
     clock_out = op.stateful_batch(
         "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
         lambda resume: ClockLogic(resume, layout),
     )
     status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
                                         VersionedDoc, Wake)
-    # to_buckets: (bucket, Registration | Tick)
+    # to_buckets: (bucket, Registration | Tick | RescoreAll)
     fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
     wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
     kafka_output("wake_ups", op.map("encode_wake", wakes, encode_wake),
                  KafkaTopicSink(settings, timers_topic))
 
-    models: Stream[tuple[str, VersionedDoc]] = op.stateful_batch(
-        "models", op.key_on("models_key", learning, lambda _: "models"),
-        lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
-                                   settings.btyd_refit_days, bundles.frozen,
-                                   settings.churn_models),
-    )
-    docs = op.merge("all_docs", scores, status, op.key_rm("drop_models_key", models),
+    docs = op.merge("all_docs", scores, status, model_docs,
                     op.key_rm("drop_alert_report_key", alert_report))
     op.output("redis", docs, RedisDocSink(settings, on_lost))
     return flow

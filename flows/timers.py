@@ -17,6 +17,21 @@ wake-ups go round through Kafka, as a timer topic:
    customer like the transactions, so the customers step gets them in order with
    the customer's events.
 
+**Promotions.** When the served model changes (a challenger promoted, or the first
+model served after the priors), a score computed before would name the old model until
+the customer's next due instant: months for a silent customer. So the models step sends
+the clock a :class:`Rescore`, the clock sends every open bucket a :class:`RescoreAll`,
+and each bucket fires a *rescore* wake-up (``bundle_version`` set) for every
+registration it holds, and keeps holding them. A customer rescores at its current
+instant with a bundle at least that new (:meth:`models.scoring.ScoredCustomer.rescore`);
+a second rescore wake (a superseded registration) finds nothing to change. Any batch a
+customer gets rescores it too if its score names another model than the bundle in hand.
+A customer scored meanwhile with an older bundle (its process had not read the new one
+yet) was not in a bucket: its next registration names the bundle that scored it, and
+the clock sends it a rescore wake at once. Customers without a registration (asleep after
+``max_silence_days``) keep their score. The cost is one wake-up per waiting customer per
+change of the served model.
+
 Every part is recovered with the flow's snapshots, and the topic round trip is
 at-least-once: a repeated or stale wake-up is harmless, because a customer only
 processes due instants it computed itself (:meth:`models.scoring.ScoredCustomer.wake`).
@@ -42,7 +57,9 @@ harmless.
 >>> [key for key, _ in hours.passed(10**6 * BUCKET_US)]
 ['900']
 >>> decode_wake(b"c-42", b"1700000000000000")
-Wake(customer_id='c-42', due_us=1700000000000000, stale=False)
+Wake(customer_id='c-42', due_us=1700000000000000, stale=False, bundle_version=0)
+>>> decode_wake(*encode_wake(Wake("c-42", 17, bundle_version=9)))
+Wake(customer_id='c-42', due_us=0, stale=False, bundle_version=9)
 """
 
 from __future__ import annotations
@@ -59,19 +76,38 @@ BUCKET_US = 3600 * SECOND_US  # one hour of event time per timer bucket
 
 
 class Registration(NamedTuple):
-    """A customer asks to be woken once the stream clock passes ``due_us``."""
+    """A customer asks to be woken once the stream clock passes ``due_us``; it was last
+    scored with bundle ``bundle_version`` (0: unknown)."""
 
     customer_id: str
     due_us: int
+    bundle_version: int = 0
+
+    def wake(self) -> Wake:
+        return Wake(self.customer_id, self.due_us)
 
 
 class Wake(NamedTuple):
     """A fired registration, read back from the timers topic; ``stale`` when a previous
-    run of the flow wrote it (see Restarts, above)."""
+    run of the flow wrote it (see Restarts, above). With ``bundle_version`` it is a
+    rescore wake-up instead: score again with a bundle at least that new (Promotions)."""
 
     customer_id: str
     due_us: int
     stale: bool = False
+    bundle_version: int = 0
+
+
+class Rescore(NamedTuple):
+    """From the models step to the clock: bundle ``bundle_version`` serves another model."""
+
+    bundle_version: int
+
+
+class RescoreAll(NamedTuple):
+    """From the clock to an open bucket: fire a rescore wake for every registration held."""
+
+    bundle_version: int
 
 
 class Tick(NamedTuple):
@@ -108,36 +144,50 @@ class OpenBuckets:
         return list(self._heap)
 
 
+RESCORE_PREFIX = b"rescore:"
+
+
 def encode_wake(wake: Wake) -> tuple[bytes, bytes]:
+    if wake.bundle_version:
+        return wake.customer_id.encode(), RESCORE_PREFIX + str(wake.bundle_version).encode()
     return wake.customer_id.encode(), str(wake.due_us).encode()
 
 
 def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> Wake:
     """A wake-up from the timers topic; ValueError when it is not one."""
-    if not key or not value or not value.isdigit():
-        raise ValueError(f"not a wake-up: key={key!r:.80} value={value!r:.80}")
-    return Wake(key.decode(), int(value), stale)
+    if key and value and value.startswith(RESCORE_PREFIX):
+        version = value[len(RESCORE_PREFIX):]
+        if version.isdigit() and int(version) > 0:
+            return Wake(key.decode(), 0, stale, int(version))
+    elif key and value and value.isdigit():
+        return Wake(key.decode(), int(value), stale)
+    raise ValueError(f"not a wake-up: key={key!r:.80} value={value!r:.80}")
 
 
 
 BucketState = tuple[bool, set[Registration]]
 
 
-class TimerBucketLogic(StatefulBatchLogic[Registration | Tick, Wake, BucketState]):
-    """One hour of due instants: holds registrations until its tick, then fires them."""
+class TimerBucketLogic(StatefulBatchLogic[Registration | Tick | RescoreAll, Wake, BucketState]):
+    """One hour of due instants: holds registrations until its tick, then fires them; on
+    a :class:`RescoreAll`, fires a rescore wake for each and keeps holding them."""
 
     def __init__(self, resume: BucketState | None) -> None:
         self.closed, self.held = resume if resume is not None else (False, set())
 
-    def on_batch(self, values: list[Registration | Tick]) -> tuple[list[Wake], bool]:
+    def on_batch(self, values: list[Registration | Tick | RescoreAll]
+                 ) -> tuple[list[Wake], bool]:
         fired: list[Wake] = []
         for item in values:
             if isinstance(item, Tick):
                 self.closed = True
-                fired.extend(Wake(*r) for r in self.held)
+                fired.extend(r.wake() for r in self.held)
                 self.held = set()
+            elif isinstance(item, RescoreAll):
+                fired.extend(Wake(r.customer_id, r.due_us, bundle_version=item.bundle_version)
+                             for r in self.held)
             elif self.closed:
-                fired.append(Wake(*item))
+                fired.append(item.wake())
             else:
                 self.held.add(item)
         return fired, StatefulBatchLogic.RETAIN

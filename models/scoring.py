@@ -181,13 +181,14 @@ class ScoredCustomer:
     # What a snapshot keeps; ``memo`` (the next rescoring instant) is recomputed.
     _STATE = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
               "key_hash", "alerts", "followups")
-    __slots__ = (*_STATE, "memo")
+    __slots__ = (*_STATE, "risk_by", "memo")
 
     def __init__(self, customer_id: str) -> None:
         self.state = CustomerState(customer_id)
         self.stage: Stage | None = None
         self.pending: PendingLabel | None = None
         self.risk: float | None = None  # churn risk at the last evaluation
+        self.risk_by: str | None = None  # the model_version that computed it
         self.as_of_us: int | None = None
         self.steps = 0  # due instants processed since the newest applied event
         self.registered_us: int | None = None  # due instant the flow will wake us at
@@ -206,12 +207,14 @@ class ScoredCustomer:
         return _restore_customer, ((
             self.state.__getstate__(), stage, pending, self.risk, self.as_of_us, self.steps,
             self.registered_us, self.key_hash, self.alerts.__getstate__(), followups,
+            self.risk_by,
         ),)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         """Snapshots taken before ``__reduce__`` (the objects themselves, in _STATE order)."""
         for name, value in zip(self._STATE, state, strict=True):
             object.__setattr__(self, name, value)
+        self.risk_by = None
         self.memo = None
 
     @property
@@ -257,6 +260,20 @@ class ScoredCustomer:
         if self.registered_us is not None and self.registered_us <= due_us:
             self.registered_us = None
         return self._advance(due_us, bundle, out, rules)
+
+    def rescore(self, bundle: ModelBundle, out: Outputs,
+                rules: AlertRules | None = None) -> bool:
+        """Another model is served: score again at ``as_of`` (the clock does not move), so
+        the score stops naming a model that no longer serves; stage, alerts and version
+        follow as at any instant. False when the risk is already ``bundle``'s model's (a
+        second rescore wake), or there is nothing to score."""
+        now = self.as_of_us
+        if (now is None or self.state.last_purchase_us is None
+                or self.risk_by == bundle.model_version):
+            return False
+        self.steps += 1
+        self._step(bundle, out, rules, None)
+        return True
 
     def register(self, bundle: ModelBundle, out: Outputs) -> None:
         """Ask to be woken at the next due instant, unless an earlier wake is coming."""
@@ -395,7 +412,7 @@ class ScoredCustomer:
             silent_days = 0.0 if last is None else (now - last) / DAY_US
             self.pending = (self._open(now, bundle)
                             if silent_days < bundle.config.max_silence_days else None)
-        self.risk = self._churn_risk(bundle, now)
+        self.risk, self.risk_by = self._churn_risk(bundle, now), bundle.model_version
         stage = lifecycle_stage(self._facts(self.risk), now, self.stage, bundle.rules)
         if self.stage is not None and stage.name != self.stage.name:
             out.transitions.append(Transition(self.customer_id, self.stage.name, stage.name, now))
@@ -477,13 +494,14 @@ class ScoredCustomer:
 def _restore_customer(flat: tuple[Any, ...]) -> ScoredCustomer:
     """Inverse of :meth:`ScoredCustomer.__reduce__`."""
     (state, stage, pending, risk, as_of_us, steps, registered_us, key_hash, alerts,
-     followups) = flat
+     followups, *risk_by) = flat  # risk_by is missing from snapshots taken before it
     customer = ScoredCustomer.__new__(ScoredCustomer)
     customer.state = CustomerState.__new__(CustomerState)
     customer.state.__setstate__(state)
     customer.stage = None if stage is None else Stage(*stage)
     customer.pending = None if pending is None else PendingLabel(*pending)
     customer.risk, customer.as_of_us, customer.steps = risk, as_of_us, steps
+    customer.risk_by = risk_by[0] if risk_by else None
     customer.registered_us, customer.key_hash = registered_us, key_hash
     customer.alerts = AlertMemory.__new__(AlertMemory)
     customer.alerts.__setstate__(alerts)

@@ -117,6 +117,16 @@ def test_scores_follow_the_stream_clock(broker, redis_url, unique, tmp_path, str
     assert report["btyd"] is not None and report["rfm_boundaries"]["n"] == len(buyers)
     served = [d for d in buyers.values() if d["model_version"] == report["model_version"]]
     assert served, "no document was scored with the published models"
+    # The served model changed during the replay (priors, then models): every customer
+    # still waiting for an instant was rescored, so no document names a model that no
+    # longer serves. Only customers asleep (silent for max_silence_days) keep theirs.
+    assert report["model_version"] != "prior:base_rate"  # so it did change
+    stale = [(d["customer_id"], d["model_version"], d["as_of"], d["last_purchase_at"])
+             for d in buyers.values() if d["model_version"] != report["model_version"]
+             and epoch(d["as_of"]) - epoch(d["last_purchase_at"]) < 730 * DAY_S]
+    print(f"{len(served)} documents name the served model {report['model_version']}; "
+          f"promotions: {[p['version'] for p in report['churn']['promotions']]}")
+    assert not stale, stale[:10]
     for d in served:
         assert d["rfm"]["cell"] and d["rfm"]["segment"]
         assert d["p_alive"] is not None and d["clv_predicted"] >= 0.0

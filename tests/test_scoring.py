@@ -224,3 +224,106 @@ def test_a_clock_snapshot_without_open_hours_still_ticks_the_next_hours():
     ticked = [o[0] for o in out if isinstance(o, tuple) and isinstance(o[-1], Tick)]
     assert ticked == ["100", "101", "102"]
     assert clock.totals.applied == 2
+
+
+class ConstantModel:
+    """A churn model that always says ``risk`` (the contract of models.churn)."""
+
+    name = "constant"
+    max_pickle_bytes = 1024
+
+    def __init__(self, risk: float) -> None:
+        self.risk = risk
+
+    def predict_proba_one(self, x: object) -> float:
+        return self.risk
+
+    def learn_one(self, x: object, y: int) -> None:
+        pass
+
+    def clone(self) -> ConstantModel:
+        return ConstantModel(self.risk)
+
+
+def test_a_rescore_serves_the_new_model_at_the_same_instant_once():
+    from dataclasses import replace
+
+    customer, out = ScoredCustomer("c"), Outputs()
+    for n, day in enumerate((0, 10, 20)):
+        customer.apply(purchase(day, n), EMPTY_BUNDLE, out)
+    as_of, version, risk = customer.as_of_us, customer.version, customer.risk
+    assert risk == EMPTY_BUNDLE.base_rate
+    promoted = replace(EMPTY_BUNDLE, version=2, models={"constant": ConstantModel(0.9)},
+                       champion="constant", model_version="constant@v1")
+
+    assert customer.rescore(promoted, out)
+    assert customer.risk == 0.9 and customer.as_of_us == as_of and customer.version > version
+    doc = customer.document(promoted, Outputs())
+    assert doc["churn_risk"] == 0.9 and doc["model_version"] == "constant@v1"
+    rescored_version = customer.version
+    assert not customer.rescore(promoted, out)  # a second rescore wake: nothing to change
+    assert customer.version == rescored_version
+    assert not ScoredCustomer("x").rescore(promoted, out)  # never seen: nothing to rescore
+
+    # A snapshot from before risk_by was kept loads, and its first rescore goes through.
+    restore, (flat,) = customer.__reduce__()
+    older = restore(flat[:-1])
+    assert older.risk_by is None and older.risk == 0.9
+    assert older.rescore(promoted, out) and older.risk_by == "constant@v1"
+
+
+def test_a_rescore_reaches_every_registration_held_and_keeps_them():
+    from crmscore.layout import RedisLayout
+    from flows.timers import Rescore, RescoreAll, decode_wake, encode_wake
+
+    clock = ClockLogic(None, RedisLayout("t:"))
+    routed, _ = clock.on_batch([Counts(applied=1, clock_us=BUCKET_US),
+                                Registration("a", 2 * BUCKET_US + 1),
+                                Registration("b", 5 * BUCKET_US + 1)])
+    out, _ = clock.on_batch([Rescore(7)])
+    assert sorted(out) == [("2", RescoreAll(7)), ("5", RescoreAll(7))]  # every open hour
+    # Scored with an older bundle after the broadcast: rescored at once, and registered.
+    out, _ = clock.on_batch([Registration("c", 3 * BUCKET_US, 6),
+                             Registration("d", 3 * BUCKET_US, 7)])
+    assert out == [Wake("c", 0, bundle_version=7),
+                   ("3", Registration("c", 3 * BUCKET_US, 6)),
+                   ("3", Registration("d", 3 * BUCKET_US, 7))]
+
+    bucket = TimerBucketLogic(None)
+    bucket.on_batch([Registration("a", 5), Registration("b", 7)])
+    fired, _ = bucket.on_batch([RescoreAll(7)])
+    assert sorted(fired) == [Wake("a", 5, bundle_version=7), Wake("b", 7, bundle_version=7)]
+    assert [decode_wake(*encode_wake(w)) for w in sorted(fired)] == [
+        Wake("a", 0, bundle_version=7), Wake("b", 0, bundle_version=7)]
+    fired, _ = bucket.on_batch([Tick(BUCKET_US)])  # still held: they fire on time too
+    assert sorted(fired) == [Wake("a", 5), Wake("b", 7)]
+    assert bucket.on_batch([RescoreAll(8)])[0] == []  # a closed bucket holds nobody
+
+
+def test_the_customer_step_rescores_with_a_bundle_at_least_as_new_as_the_wake(
+        redis_conn, unique):
+    from dataclasses import replace
+
+    from bytewax.connectors.kafka import KafkaSourceMessage
+
+    from crmscore.doc_codec import load
+    from crmscore.layout import RedisLayout
+    from flows.model_registry import BundleCache, bundle_doc
+    from flows.scoring import Accepted, CustomerLogic
+
+    layout = RedisLayout(f"{unique}:")
+    cache = BundleCache(redis_conn, layout, EMPTY_BUNDLE, refresh_seconds=3600)
+    logic = CustomerLogic(None, cache, layout, None)
+    message = KafkaSourceMessage(b"c", b"{}", topic="tx")
+    for n, day in enumerate((0, 10, 20)):
+        logic.on_batch([Accepted(purchase(day, n), message)])
+    assert cache.get() is EMPTY_BUNDLE  # and it would not look again for an hour
+
+    promoted = replace(EMPTY_BUNDLE, version=3, models={"constant": ConstantModel(0.9)},
+                       champion="constant", model_version="constant@v1")
+    doc = bundle_doc(layout, promoted)
+    redis_conn.hset(doc.key, mapping={"v": doc.version, "doc": doc.doc})
+    out, _ = logic.on_batch([Wake("c", 0, bundle_version=3)])
+    (stored,) = [o for o in out if hasattr(o, "doc") and o.key == layout.score("c")]
+    assert load(stored.doc)["model_version"] == "constant@v1"
+    assert load(stored.doc)["churn_risk"] == 0.9
