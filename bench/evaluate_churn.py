@@ -80,14 +80,16 @@ def generate(work: Path, customers: int, seed: int, rhythm: float
 def flow_env(broker: embedded.Server, redis_server: embedded.Server, work: Path, name: str,
              **extra: str) -> dict[str, str]:
     """The environment of a flow on the private broker and Redis, with its own topics;
-    events decades old (history replayed) are not refused as from the future."""
+    events decades old (history replayed) are not refused as from the future, and a
+    change of the served model rescores at once (the replay is judged when it ends)."""
     token = f"{name}-{uuid.uuid4().hex[:8]}"
     return {**os.environ, "CRMSCORE_KAFKA_BOOTSTRAP": broker.address,
             "CRMSCORE_REDIS_URL": f"redis://{redis_server.address}/0",
             "CRMSCORE_TRANSACTIONS_TOPIC": token, "CRMSCORE_DLQ_TOPIC": f"{token}-dlq",
             "CRMSCORE_TIMERS_TOPIC": f"{token}-timers",
             "CRMSCORE_RECOVERY_DIR": str(work / "recovery"),
-            "CRMSCORE_MAX_FUTURE_SECONDS": str(40 * 365 * DAY_S), **extra}
+            "CRMSCORE_MAX_FUTURE_SECONDS": str(40 * 365 * DAY_S),
+            "CRMSCORE_RESCORE_SPREAD_SECONDS": "0", **extra}
 
 
 def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:

@@ -53,7 +53,8 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
     wake-up registrations (due ones fire at once), ticks the timer buckets, and passes a
     change of the served model to every open bucket (flows/timers.py, Promotions)."""
 
-    def __init__(self, resume: bytes | None, layout: RedisLayout) -> None:
+    def __init__(self, resume: bytes | None, layout: RedisLayout,
+                 rescore_spread_s: float = 0.0) -> None:
         self.totals, hours = (Counts(), []) if resume is None else _clock_state(resume)
         self.buckets = OpenBuckets(hours)
         self.layout = layout
@@ -64,6 +65,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         # older one gets a rescore wake (flows/timers.py, Promotions). Not snapshotted: a
         # restarted flow's customers read the newest bundle from Redis.
         self.rescore_version = 0
+        self.rescore_spread_s = rescore_spread_s
 
     def on_batch(self, values: list[Counts | Registration | Rescore]
                  ) -> tuple[list[Any], bool]:
@@ -81,13 +83,19 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
                     out.append(self.buckets.route(r))
             elif isinstance(r, Rescore):
                 self.rescore_version = max(self.rescore_version, r.bundle_version)
-                out += [(str(hour), RescoreAll(r.bundle_version))
-                        for hour in self.buckets.hours()]
+                out += self._rescore_all(r.bundle_version)
         if clock is not None:
             out += self.buckets.passed(clock)
         if counts:
             out.append(self._status())
         return out, StatefulBatchLogic.RETAIN
+
+    def _rescore_all(self, version: int) -> list[tuple[str, RescoreAll]]:
+        """A RescoreAll for every open bucket, their firing times spread evenly over the
+        next ``rescore_spread_s`` seconds, earliest hours first."""
+        hours = sorted(self.buckets.hours())
+        now, step = time.time(), self.rescore_spread_s / max(len(hours), 1)
+        return [(str(hour), RescoreAll(version, now + i * step)) for i, hour in enumerate(hours)]
 
     def notify_at(self) -> datetime | None:
         return self.status_due

@@ -22,7 +22,10 @@ model served after the priors), a score computed before would name the old model
 the customer's next due instant: months for a silent customer. So the models step sends
 the clock a :class:`Rescore`, the clock sends every open bucket a :class:`RescoreAll`,
 and each bucket fires a *rescore* wake-up (``bundle_version`` set) for every
-registration it holds, and keeps holding them. A customer rescores at its current
+registration it holds, and keeps holding them. The clock gives the buckets firing times
+spread over ``CRMSCORE_RESCORE_SPREAD_SECONDS`` of wall clock: all at once, the rescores
+of every customer queued ahead of live events (at 300 events/s, 2,000 customers'
+rescores put freshness p99 at 0.8 s). A customer rescores at its current
 instant with a bundle at least that new (:meth:`models.scoring.ScoredCustomer.rescore`);
 a second rescore wake (a superseded registration) finds nothing to change. Any batch a
 customer gets rescores it too if its score names another model than the bundle in hand.
@@ -65,7 +68,9 @@ Wake(customer_id='c-42', due_us=0, stale=False, bundle_version=9)
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
@@ -105,9 +110,11 @@ class Rescore(NamedTuple):
 
 
 class RescoreAll(NamedTuple):
-    """From the clock to an open bucket: fire a rescore wake for every registration held."""
+    """From the clock to an open bucket: fire a rescore wake for every registration held,
+    once the wall clock reads ``fire_at_s`` (Unix seconds)."""
 
     bundle_version: int
+    fire_at_s: float = 0.0
 
 
 class Tick(NamedTuple):
@@ -165,15 +172,19 @@ def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> 
 
 
 
-BucketState = tuple[bool, set[Registration]]
+# closed, held registrations, and the rescore to fire (None, or one a snapshot of an
+# older version of the flow did not have)
+BucketState = tuple[bool, set[Registration]] | tuple[bool, set[Registration], RescoreAll | None]
 
 
 class TimerBucketLogic(StatefulBatchLogic[Registration | Tick | RescoreAll, Wake, BucketState]):
     """One hour of due instants: holds registrations until its tick, then fires them; on
-    a :class:`RescoreAll`, fires a rescore wake for each and keeps holding them."""
+    a :class:`RescoreAll`, fires a rescore wake for each at its time and keeps them."""
 
     def __init__(self, resume: BucketState | None) -> None:
-        self.closed, self.held = resume if resume is not None else (False, set())
+        self.closed, self.held = (False, set()) if resume is None else resume[:2]
+        self.rescore: RescoreAll | None = None if resume is None or len(resume) < 3 else (
+            resume[2])  # type: ignore[misc]
 
     def on_batch(self, values: list[Registration | Tick | RescoreAll]
                  ) -> tuple[list[Wake], bool]:
@@ -181,16 +192,34 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Tick | RescoreAll, Wake
         for item in values:
             if isinstance(item, Tick):
                 self.closed = True
-                fired.extend(r.wake() for r in self.held)
+                fired.extend(r.wake() for r in self.held)  # scored with the newest bundle
                 self.held = set()
+                self.rescore = None
             elif isinstance(item, RescoreAll):
-                fired.extend(Wake(r.customer_id, r.due_us, bundle_version=item.bundle_version)
-                             for r in self.held)
+                if self.held:  # a newer version, at the earlier of the two times
+                    earlier = item.fire_at_s if self.rescore is None else min(
+                        item.fire_at_s, self.rescore.fire_at_s)
+                    self.rescore = RescoreAll(item.bundle_version, earlier)
             elif self.closed:
                 fired.append(item.wake())
             else:
                 self.held.add(item)
-        return fired, StatefulBatchLogic.RETAIN
+        return fired + self._fire_rescore(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return None if self.rescore is None else datetime.fromtimestamp(
+            self.rescore.fire_at_s, UTC)
+
+    def on_notify(self) -> tuple[list[Wake], bool]:
+        return self._fire_rescore(), StatefulBatchLogic.RETAIN
+
+    def _fire_rescore(self) -> list[Wake]:
+        rescore = self.rescore
+        if rescore is None or rescore.fire_at_s > time.time():
+            return []
+        self.rescore = None
+        return [Wake(r.customer_id, r.due_us, bundle_version=rescore.bundle_version)
+                for r in self.held]
 
     def snapshot(self) -> BucketState:
-        return self.closed, set(self.held)
+        return self.closed, set(self.held), self.rescore

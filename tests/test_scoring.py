@@ -5,7 +5,9 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
+import time
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -276,12 +278,15 @@ def test_a_rescore_reaches_every_registration_held_and_keeps_them():
     from crmscore.layout import RedisLayout
     from flows.timers import Rescore, RescoreAll, decode_wake, encode_wake
 
-    clock = ClockLogic(None, RedisLayout("t:"))
+    clock = ClockLogic(None, RedisLayout("t:"), rescore_spread_s=10.0)
     routed, _ = clock.on_batch([Counts(applied=1, clock_us=BUCKET_US),
                                 Registration("a", 2 * BUCKET_US + 1),
                                 Registration("b", 5 * BUCKET_US + 1)])
+    before = time.time()
     out, _ = clock.on_batch([Rescore(7)])
-    assert sorted(out) == [("2", RescoreAll(7)), ("5", RescoreAll(7))]  # every open hour
+    assert [(k, v.bundle_version) for k, v in out] == [("2", 7), ("5", 7)]  # every open hour
+    first, second = (v.fire_at_s for _, v in out)  # spread over the 10 s
+    assert before <= first <= time.time() and second == pytest.approx(first + 5.0)
     # Scored with an older bundle after the broadcast: rescored at once, and registered.
     out, _ = clock.on_batch([Registration("c", 3 * BUCKET_US, 6),
                              Registration("d", 3 * BUCKET_US, 7)])
@@ -298,6 +303,25 @@ def test_a_rescore_reaches_every_registration_held_and_keeps_them():
     fired, _ = bucket.on_batch([Tick(BUCKET_US)])  # still held: they fire on time too
     assert sorted(fired) == [Wake("a", 5), Wake("b", 7)]
     assert bucket.on_batch([RescoreAll(8)])[0] == []  # a closed bucket holds nobody
+
+
+def test_a_bucket_fires_its_rescore_wakes_at_their_time_and_snapshots_them():
+    from datetime import UTC, datetime
+
+    from flows.timers import RescoreAll
+
+    bucket = TimerBucketLogic(None)
+    later = time.time() + 3600
+    assert bucket.on_batch([Registration("a", 5), RescoreAll(7, later)])[0] == []
+    assert bucket.notify_at() == datetime.fromtimestamp(later, UTC)
+    assert bucket.on_notify()[0] == []  # too early: bytewax woke it before its time
+    resumed = TimerBucketLogic(bucket.snapshot())
+    resumed.on_batch([RescoreAll(8, later + 60)])  # newer version, earlier time kept
+    assert resumed.rescore == RescoreAll(8, later)
+    resumed.rescore = RescoreAll(8, time.time() - 1)  # its time has come
+    assert resumed.on_notify()[0] == [Wake("a", 5, bundle_version=8)]
+    assert resumed.notify_at() is None
+    assert TimerBucketLogic((False, {Registration("b", 9)})).rescore is None  # older format
 
 
 def test_the_customer_step_rescores_with_a_bundle_at_least_as_new_as_the_wake(
