@@ -258,10 +258,14 @@ def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]
         f"Flow at scale: customers with {SCALE_PURCHASES} purchases each over "
         f"{SCALE_DAYS} days (short histories: a generated year per customer would take "
         f"hours to replay at this scale), one `crmscore flow --until-end` run each "
-        f"(recovery on), then a resume run on its recovery directory.",
+        f"(recovery on), then a second run on its recovery directory. The second run reads "
+        f"no new transactions but is not only a resume: it also reads the wake-ups the "
+        f"first wrote after its last read of the timers topic, and re-registers (and "
+        f"snapshots) those customers, as a restart after a crash does.",
         "",
         "| customers | events | events/s | peak RSS | (peak - empty run) / customers "
-        "| state per customer (snapshot) | recovery directory | resume (no new events) |",
+        "| state per customer (snapshot) | recovery directory "
+        "| second run (no new transactions) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
