@@ -64,6 +64,9 @@ class FlowEnv:
             "CRMSCORE_REDIS_PREFIX": self.layout.prefix,
             "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
             "CRMSCORE_SNAPSHOT_INTERVAL": "0.25",
+            # Tests wait for the documents to settle: a change of the served model rescores
+            # at once, not over the default 5 minutes.
+            "CRMSCORE_RESCORE_SPREAD_SECONDS": "0",
             **extra,
         }
 

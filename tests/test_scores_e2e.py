@@ -67,8 +67,7 @@ def test_scores_follow_the_stream_clock(broker, redis_url, unique, tmp_path, str
     settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS="4"))
     assert publish_lines(settings, lines) == len(lines)
     conn = redis.Redis.from_url(redis_url)
-    proc = env.start_flow(CRMSCORE_MODEL_PUBLISH_SECONDS="0.5",
-                          CRMSCORE_RESCORE_SPREAD_SECONDS="0")
+    proc = env.start_flow(CRMSCORE_MODEL_PUBLISH_SECONDS="0.5")
     try:
         st = wait_for_consumed(conn, env.layout, len(lines), proc)
         docs = wait_until_settled(conn, env)
