@@ -195,8 +195,7 @@ class Population:
             version=self.version, config=self.config,
             models=dict(arena.models),
             champion=arena.champion if serving else None,
-            model_version=(arena.model_version if serving
-                           else "prior:bgnbd" if self.btyd is not None else "prior:base_rate"),
+            model_version=self.bundle_version_name(),
             base_rate=(arena.positives + 1) / (arena.labels + 2),
             boundaries=boundaries,
             premium_boundary=self.quantiles.premium_boundary(self.config.premium_share),
