@@ -51,10 +51,17 @@ def _safe(settings: Settings) -> str:
     return str(settings.redacted()["redis_url"])
 
 
+# Batches of up to 10 ms (librdkafka's default is 5). Each produce request costs the
+# broker far more than its records: at 1,000 events/s to 4 partitions, 5 ms kept tansu
+# at 89% of a core and end-to-end p99 at 41 ms; 10 ms halved its CPU, p99 20 ms, p50 the
+# same (the consumer's fetch wait dominates it). On 2 cores that CPU is the flow's.
+PRODUCER_LINGER_MS = 10
+
+
 def producer(settings: Settings, **extra: str) -> Producer:
     config: dict[str, Any] = {
         "enable.idempotence": True,
-        "linger.ms": 5,
+        "linger.ms": PRODUCER_LINGER_MS,
         "compression.type": "lz4",
     }
     config.update(settings.kafka_client_config())

@@ -16,7 +16,7 @@ from crmscore.clients import CONSUMER_DEFAULTS, ensure_topics, producer
 from crmscore.embedded import Server
 from crmscore.settings import Settings
 from flows.kafka_sink import KafkaTopicSink
-from flows.kafka_source import kafka_input
+from flows.kafka_source import NoWaitKafkaSource, kafka_input
 from tests.pipeline import read_topic
 
 
@@ -57,8 +57,24 @@ def test_source_reads_every_partition_to_the_end(broker, unique):
 
     flow = Dataflow("source_test")
     inp = kafka_input("kafka_in", flow, brokers=[broker.address], topics=topics, tail=False,
-                      add_config=dict(CONSUMER_DEFAULTS))
+                      add_config={}, consumer_config=dict(CONSUMER_DEFAULTS),
+                      topic_config={topics[1]: {"fetch.wait.max.ms": "100"}})
     got: list[bytes] = []
     op.output("out", op.map("value", inp.oks, lambda m: m.value), TestingSink(got))
     run_main(flow)
     assert sorted(int(v) for v in got) == list(range(30))
+
+
+def test_source_gives_a_topics_partitions_their_own_settings():
+    source = NoWaitKafkaSource(["127.0.0.1:9"], ["tx", "tx-timers"], True,
+                               add_config={"security.protocol": "SSL"},
+                               consumer_config={"fetch.wait.max.ms": "10", "a": "1"},
+                               topic_config={"tx-timers": {"fetch.wait.max.ms": "100"}})
+    assert source.config_for("3-tx") == {
+        "fetch.wait.max.ms": "10", "a": "1", "security.protocol": "SSL"}
+    assert source.config_for("0-tx-timers") == {
+        "fetch.wait.max.ms": "100", "a": "1", "security.protocol": "SSL"}
+    # The user's own settings (CRMSCORE_KAFKA_CONFIG) win.
+    mine = NoWaitKafkaSource(["127.0.0.1:9"], ["tx"], True, add_config={"a": "2"},
+                             consumer_config={"a": "1"}, topic_config={"tx": {"a": "3"}})
+    assert mine.config_for("0-tx") == {"a": "2"}
