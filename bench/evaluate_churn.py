@@ -89,7 +89,7 @@ def flow_env(broker: embedded.Server, redis_server: embedded.Server, work: Path,
             "CRMSCORE_TIMERS_TOPIC": f"{token}-timers",
             "CRMSCORE_RECOVERY_DIR": str(work / "recovery"),
             "CRMSCORE_MAX_FUTURE_SECONDS": str(40 * 365 * DAY_S),
-            "CRMSCORE_RESCORE_SPREAD_SECONDS": "0", **extra}
+            "CRMSCORE_RESCORE_RATE": "0", **extra}
 
 
 def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:

@@ -92,9 +92,9 @@ class Settings:
     model_publish_seconds: float = _setting(
         2.0, "seconds between the models step's publications of models and report to Redis"
     )
-    rescore_spread_seconds: float = _setting(
-        300.0, "when the served model changes, waiting customers are rescored over this many "
-        "seconds (wall clock), so the extra work does not stall live events; 0: at once"
+    rescore_rate: float = _setting(
+        100.0, "when the served model changes, waiting customers are rescored at most this "
+        "many a second (wall clock), so the extra work does not stall live events; 0: at once"
     )
     model_updates: str = _setting(
         "live", "'live': customers score with the newest learned models; 'frozen': with "

@@ -54,9 +54,9 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
     change of the served model to every open bucket (flows/timers.py, Promotions)."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout,
-                 rescore_spread_s: float = 0.0) -> None:
-        self.totals, hours = (Counts(), []) if resume is None else _clock_state(resume)
-        self.buckets = OpenBuckets(hours)
+                 rescore_rate: float = 0.0) -> None:
+        self.totals, held = (Counts(), {}) if resume is None else _clock_state(resume)
+        self.buckets = OpenBuckets(held)
         self.layout = layout
         # When to write the status again without new counts: at once when resumed (Redis
         # may hold an older one, or none), then every STATUS_HEARTBEAT.
@@ -65,7 +65,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         # older one gets a rescore wake (flows/timers.py, Promotions). Not snapshotted: a
         # restarted flow's customers read the newest bundle from Redis.
         self.rescore_version = 0
-        self.rescore_spread_s = rescore_spread_s
+        self.rescore_rate = rescore_rate  # registrations a second; 0: all at once
 
     def on_batch(self, values: list[Counts | Registration | Rescore]
                  ) -> tuple[list[Any], bool]:
@@ -91,11 +91,14 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         return out, StatefulBatchLogic.RETAIN
 
     def _rescore_all(self, version: int) -> list[tuple[str, RescoreAll]]:
-        """A RescoreAll for every open bucket, their firing times spread evenly over the
-        next ``rescore_spread_s`` seconds, earliest hours first."""
-        hours = sorted(self.buckets.hours())
-        now, step = time.time(), self.rescore_spread_s / max(len(hours), 1)
-        return [(str(hour), RescoreAll(version, now + i * step)) for i, hour in enumerate(hours)]
+        """A RescoreAll for every open bucket, earliest hours first, each firing once the
+        registrations before it have had their time at ``rescore_rate`` a second."""
+        now, out, before = time.time(), [], 0
+        for hour, held in sorted(self.buckets.held().items()):
+            delay = before / self.rescore_rate if self.rescore_rate > 0 else 0.0
+            out.append((str(hour), RescoreAll(version, now + delay)))
+            before += held
+        return out
 
     def notify_at(self) -> datetime | None:
         return self.status_due
@@ -119,16 +122,19 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         return VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc))
 
     def snapshot(self) -> bytes:
-        return pickle.dumps((self.totals, self.buckets.hours()))
+        return pickle.dumps((self.totals, self.buckets.held()))
 
 
-def _clock_state(resume: bytes) -> tuple[Counts, list[int]]:
-    """The clock's snapshot: totals and open hours. A snapshot from before open hours were
-    kept holds totals only: then every hour of the next ~2 years may hold registrations
-    (the farthest a customer registers ahead), as the clock used to assume."""
+def _clock_state(resume: bytes) -> tuple[Counts, dict[int, int]]:
+    """The clock's snapshot: totals, and the registrations sent to each open hour.
+
+    Older snapshots: a list of open hours, without counts (0, unknown); totals only,
+    from before open hours were kept: then every hour of the next ~2 years may hold
+    registrations (the farthest a customer registers ahead), as the clock used to assume.
+    """
     state = pickle.loads(resume)
     if isinstance(state, Counts):
         now = (state.clock_us or 0) // BUCKET_US
-        return state, list(range(now, now + 800 * 24))
-    totals, hours = state
-    return totals, hours
+        return state, dict.fromkeys(range(now, now + 800 * 24), 0)
+    totals, held = state
+    return totals, held if isinstance(held, dict) else dict.fromkeys(held, 0)

@@ -396,7 +396,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     clock_in = op.merge("clock_in", counts, registrations, rescores)
     clock_out = op.stateful_batch(
         "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
-        lambda resume: ClockLogic(resume, layout, settings.rescore_spread_seconds),
+        lambda resume: ClockLogic(resume, layout, settings.rescore_rate),
     )
     status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
                                         VersionedDoc, Wake)

@@ -23,9 +23,11 @@ the customer's next due instant: months for a silent customer. So the models ste
 the clock a :class:`Rescore`, the clock sends every open bucket a :class:`RescoreAll`,
 and each bucket fires a *rescore* wake-up (``bundle_version`` set) for every
 registration it holds, and keeps holding them. The clock gives the buckets firing times
-spread over ``CRMSCORE_RESCORE_SPREAD_SECONDS`` of wall clock: all at once, the rescores
-of every customer queued ahead of live events (at 300 events/s, 2,000 customers'
-rescores put freshness p99 at 0.8 s). A customer rescores at its current
+(wall clock) at most ``CRMSCORE_RESCORE_RATE`` registrations a second, counting those
+it sent each bucket: all at once, the rescores of every customer queued ahead of live
+events (at 300 events/s, 2,000 customers' rescores put freshness p99 at 0.8 s), and a
+fixed spread would not scale (5 minutes for a million customers is 3,300 rescores a
+second, twice what the flow scores). A customer rescores at its current
 instant with a bundle at least that new (:meth:`models.scoring.ScoredCustomer.rescore`);
 a second rescore wake (a superseded registration) finds nothing to change. Any batch a
 customer gets rescores it too if its score names another model than the bundle in hand.
@@ -69,7 +71,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import NamedTuple
 
@@ -124,18 +125,21 @@ class Tick(NamedTuple):
 
 
 class OpenBuckets:
-    """The hours the clock sent registrations to and has not ticked yet, earliest first."""
+    """The hours the clock sent registrations to and has not ticked yet, earliest first,
+    with how many registrations each was sent (0 when unknown: resumed from a snapshot
+    that did not count them)."""
 
-    def __init__(self, hours: Iterable[int] = ()) -> None:
-        self._heap = sorted(set(hours))
-        self._open = set(self._heap)
+    def __init__(self, held: dict[int, int] | None = None) -> None:
+        self._held = dict(held or {})
+        self._heap = sorted(self._held)
 
     def route(self, registration: Registration) -> tuple[str, Registration]:
         """The (bucket key, registration) to send; the hour stays open until ticked."""
         hour = registration.due_us // BUCKET_US
-        if hour not in self._open:
-            self._open.add(hour)
+        if hour not in self._held:
+            self._held[hour] = 0
             heapq.heappush(self._heap, hour)
+        self._held[hour] += 1
         return str(hour), registration
 
     def passed(self, clock_us: int) -> list[tuple[str, Tick]]:
@@ -143,12 +147,13 @@ class OpenBuckets:
         out = []
         while self._heap and (self._heap[0] + 1) * BUCKET_US <= clock_us:
             hour = heapq.heappop(self._heap)
-            self._open.discard(hour)
+            del self._held[hour]
             out.append((str(hour), Tick(clock_us)))
         return out
 
-    def hours(self) -> list[int]:
-        return list(self._heap)
+    def held(self) -> dict[int, int]:
+        """Registrations sent to each open hour (superseded ones included)."""
+        return dict(self._held)
 
 
 RESCORE_PREFIX = b"rescore:"
@@ -196,10 +201,10 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Tick | RescoreAll, Wake
                 self.held = set()
                 self.rescore = None
             elif isinstance(item, RescoreAll):
-                if self.held:  # a newer version, at the earlier of the two times
-                    earlier = item.fire_at_s if self.rescore is None else min(
-                        item.fire_at_s, self.rescore.fire_at_s)
-                    self.rescore = RescoreAll(item.bundle_version, earlier)
+                if self.held:  # the newer version, at the earlier of the two times
+                    pending = self.rescore or item
+                    self.rescore = RescoreAll(max(item.bundle_version, pending.bundle_version),
+                                              min(item.fire_at_s, pending.fire_at_s))
             elif self.closed:
                 fired.append(item.wake())
             else:

@@ -65,8 +65,8 @@ class FlowEnv:
             "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
             "CRMSCORE_SNAPSHOT_INTERVAL": "0.25",
             # Tests wait for the documents to settle: a change of the served model rescores
-            # at once, not over the default 5 minutes.
-            "CRMSCORE_RESCORE_SPREAD_SECONDS": "0",
+            # at once, not at the default 100 customers a second.
+            "CRMSCORE_RESCORE_RATE": "0",
             **extra,
         }
 

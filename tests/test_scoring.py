@@ -278,15 +278,30 @@ def test_a_rescore_reaches_every_registration_held_and_keeps_them():
     from crmscore.layout import RedisLayout
     from flows.timers import Rescore, RescoreAll, decode_wake, encode_wake
 
-    clock = ClockLogic(None, RedisLayout("t:"), rescore_spread_s=10.0)
+    clock = ClockLogic(None, RedisLayout("t:"), rescore_rate=2.0)
     routed, _ = clock.on_batch([Counts(applied=1, clock_us=BUCKET_US),
                                 Registration("a", 2 * BUCKET_US + 1),
-                                Registration("b", 5 * BUCKET_US + 1)])
+                                Registration("a2", 2 * BUCKET_US + 5),
+                                Registration("a3", 2 * BUCKET_US + 9),
+                                Registration("b", 5 * BUCKET_US + 1),
+                                Registration("z", 9 * BUCKET_US + 1)])
     before = time.time()
     out, _ = clock.on_batch([Rescore(7)])
-    assert [(k, v.bundle_version) for k, v in out] == [("2", 7), ("5", 7)]  # every open hour
-    first, second = (v.fire_at_s for _, v in out)  # spread over the 10 s
-    assert before <= first <= time.time() and second == pytest.approx(first + 5.0)
+    assert [(k, v.bundle_version) for k, v in out] == [("2", 7), ("5", 7), ("9", 7)]
+    # 2 a second: hour 2's three registrations first, hour 5's one 1.5 s later, then 9's.
+    first, second, third = (v.fire_at_s for _, v in out)
+    assert before <= first <= time.time()
+    assert second == pytest.approx(first + 1.5) and third == pytest.approx(first + 2.0)
+    # The counts survive a snapshot; an older snapshot's hours (no counts) fire together.
+    resumed = ClockLogic(clock.snapshot(), RedisLayout("t:"), rescore_rate=2.0)
+    assert [v.fire_at_s - out[0][1].fire_at_s for _, v in resumed.on_batch([Rescore(8)])[0]
+            ] == pytest.approx([0.0, 1.5, 2.0], abs=0.5)
+    older = ClockLogic(pickle.dumps((clock.totals, [2, 5, 9])), RedisLayout("t:"), 2.0)
+    times = [v.fire_at_s for _, v in older.on_batch([Rescore(8)])[0]]
+    assert len(times) == 3 and max(times) - min(times) < 0.5
+    at_once = ClockLogic(clock.snapshot(), RedisLayout("t:"), rescore_rate=0.0)
+    times = [v.fire_at_s for _, v in at_once.on_batch([Rescore(8)])[0]]
+    assert max(times) - min(times) < 0.5
     # Scored with an older bundle after the broadcast: rescored at once, and registered.
     out, _ = clock.on_batch([Registration("c", 3 * BUCKET_US, 6),
                              Registration("d", 3 * BUCKET_US, 7)])
@@ -317,6 +332,8 @@ def test_a_bucket_fires_its_rescore_wakes_at_their_time_and_snapshots_them():
     assert bucket.on_notify()[0] == []  # too early: bytewax woke it before its time
     resumed = TimerBucketLogic(bucket.snapshot())
     resumed.on_batch([RescoreAll(8, later + 60)])  # newer version, earlier time kept
+    assert resumed.rescore == RescoreAll(8, later)
+    resumed.on_batch([RescoreAll(6, later + 30)])  # an older version arriving late
     assert resumed.rescore == RescoreAll(8, later)
     resumed.rescore = RescoreAll(8, time.time() - 1)  # its time has come
     assert resumed.on_notify()[0] == [Wake("a", 5, bundle_version=8)]
