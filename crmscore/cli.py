@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 
+from crmscore import logs
 from crmscore.settings import Settings, SettingsError, describe, env_var
 
 # command -> (module, one-line help)
@@ -74,14 +74,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         module = importlib.import_module(COMMANDS[command][0])
         module.configure(commands[command])
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     overrides = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
     try:
         settings = Settings.from_env(os.environ, **overrides)
     except SettingsError as exc:
+        parser.error(str(exc))
+    try:
+        logs.configure(settings.log_format, verbose=args.verbose)
+    except ValueError as exc:
         parser.error(str(exc))
     try:
         return int(module.run(args, settings) or 0)

@@ -145,6 +145,9 @@ class Settings:
         "", "CA bundle (PEM file) to verify client certificates; set to require them (mTLS)"
     )
     metrics_port: int = _setting(9464, "Prometheus metrics HTTP port of the server (0: off)")
+    log_format: str = _setting(
+        "text", "log lines of every command: 'text' (readable) or 'json' (one object a line)"
+    )
     # Serving: client (crmscore score)
     api_key: str = _setting("", "API key the client sends", secret=True)
     grpc_timeout: float = _setting(5.0, "client deadline per call, in seconds")
