@@ -15,7 +15,8 @@ customer's served score is read from Redis and judged on the 39 holdout weeks:
   correlation, and the total), beside the offline fits' conditional expectations.
 
 The served scores are as of each customer's last processed instant (its ``as_of``, at or
-before the cut); the offline fits score everyone exactly at the cut.
+before the cut); the offline fits score everyone exactly at the cut, and again at each
+customer's served ``as_of`` (what the served scores' lag alone costs them).
 
 Run: ``.venv/bin/python -m bench.evaluate_cdnow`` (needs lifetimes and pandas, dev extras).
 """
@@ -71,34 +72,46 @@ def event(customer: str, n: int, at: datetime, amount: float) -> bytes:
     })
 
 
-def offline_fits(ids: list[str], purchases: dict[str, list[tuple[datetime, float]]]
-                 ) -> dict[str, dict[str, np.ndarray]]:
+def offline_fits(ids: list[str], purchases: dict[str, list[tuple[datetime, float]]],
+                 served_at: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
     """BG/NBD and Pareto/NBD (lifetimes) on the calibration period: expected purchases in
-    the holdout and P(no purchase in the next 90 days), scored at the cut."""
+    the holdout and P(no purchase in the next 90 days), scored at the cut; and the same
+    fits' P(no purchase) scored at each customer's served ``as_of`` (Unix seconds), which
+    tells how much of a gap to them is the served scores' lag."""
     from lifetimes import BetaGeoFitter, ParetoNBDFitter
 
-    cut = CUT.timestamp()
-    first = np.array([purchases[c][0][0].timestamp() for c in ids])
-    last = np.array([max(d for d, _ in purchases[c] if d < CUT).timestamp() for c in ids])
-    x = np.array([sum(1 for d, _ in purchases[c] if d < CUT) - 1 for c in ids], dtype=float)
-    t_x, T = (last - first) / DAY_S, (cut - first) / DAY_S
+    def summary(at: np.ndarray, before: np.ndarray) -> tuple[np.ndarray, ...]:
+        """BTYD inputs at ``at`` from the purchases made before ``before``."""
+        first = np.array([purchases[c][0][0].timestamp() for c in ids])
+        seen = [[d.timestamp() for d, _ in purchases[c] if d.timestamp() < b]
+                for c, b in zip(ids, before, strict=True)]
+        x = np.array([len(s) - 1 for s in seen], dtype=float)
+        last = np.array([max(s) for s in seen])
+        return x, (last - first) / DAY_S, (at - first) / DAY_S
+
+    cut = np.full(len(ids), CUT.timestamp())
+    x, t_x, T = summary(cut, cut)  # a purchase on the cut's day is the holdout's
+    lagged = summary(served_at, served_at + 1e-3)  # the served document counts its own
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bg = BetaGeoFitter(penalizer_coef=0.0).fit(x, t_x, T)
-        alive = np.asarray(bg.conditional_probability_alive(x, t_x, T), dtype=float)
-        r, alpha = bg.params_["r"], bg.params_["alpha"]
-        silent = ((alpha + T) / (alpha + T + HORIZON_DAYS)) ** (r + x)
         pnbd = ParetoNBDFitter(penalizer_coef=0.0).fit(x, t_x, T)
-        pnbd_no_buy = np.array([pnbd.conditional_probability_of_n_purchases_up_to_time(
-            0, HORIZON_DAYS, xi, ti, Ti) for xi, ti, Ti in zip(x, t_x, T, strict=True)])
-    return {
-        "BG/NBD": {"no_buy": (1 - alive) + alive * silent, "expected": np.asarray(
-            bg.conditional_expected_number_of_purchases_up_to_time(HOLDOUT_DAYS, x, t_x, T),
-            dtype=float)},
-        "Pareto/NBD": {"no_buy": pnbd_no_buy, "expected": np.asarray(
-            pnbd.conditional_expected_number_of_purchases_up_to_time(HOLDOUT_DAYS, x, t_x, T),
-            dtype=float)},
-    }
+
+        def bg_no_buy(x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
+            alive = np.asarray(bg.conditional_probability_alive(x, t_x, T), dtype=float)
+            r, alpha = bg.params_["r"], bg.params_["alpha"]
+            return (1 - alive) + alive * ((alpha + T) / (alpha + T + HORIZON_DAYS)) ** (r + x)
+
+        def pnbd_no_buy(x: np.ndarray, t_x: np.ndarray, T: np.ndarray) -> np.ndarray:
+            return np.array([pnbd.conditional_probability_of_n_purchases_up_to_time(
+                0, HORIZON_DAYS, xi, ti, Ti) for xi, ti, Ti in zip(x, t_x, T, strict=True)])
+
+        fits = {"BG/NBD": (bg, bg_no_buy), "Pareto/NBD": (pnbd, pnbd_no_buy)}
+        return {name: {
+            "no_buy": no_buy(x, t_x, T), "lagged_no_buy": no_buy(*lagged),
+            "expected": np.asarray(fitter.conditional_expected_number_of_purchases_up_to_time(
+                HOLDOUT_DAYS, x, t_x, T), dtype=float),
+        } for name, (fitter, no_buy) in fits.items()}
 
 
 def main() -> int:
@@ -123,8 +136,9 @@ def main() -> int:
     risk = np.array([docs[c]["churn_risk"] for c in ids], dtype=float)
     expected = np.array([docs[c]["expected_purchases"] or 0.0 for c in ids], dtype=float)
     recency = np.array([CUT.timestamp() - epoch(docs[c]["last_purchase_at"]) for c in ids])
-    lag = np.array([CUT.timestamp() - epoch(docs[c]["as_of"]) for c in ids]) / DAY_S
-    fits = offline_fits(ids, purchases)
+    served_at = np.array([epoch(docs[c]["as_of"]) for c in ids])
+    lag = (CUT.timestamp() - served_at) / DAY_S
+    fits = offline_fits(ids, purchases, served_at)
     report = result["report"]
 
     print(f"CDNOW: {len(ids):,} customers, {len(lines) - 1:,} purchase days before "
@@ -151,7 +165,9 @@ def main() -> int:
     print(f"\n{'churn: P(no purchase in 90 days)':38s} {'ROC AUC':>8s}")
     for name, score in (("churn_risk (pipeline, served)", risk),
                         ("days since last purchase", recency),
-                        *((f"{n} offline", f["no_buy"]) for n, f in fits.items())):
+                        *((f"{n} offline", f["no_buy"]) for n, f in fits.items()),
+                        *((f"{n} offline, at each served as_of", f["lagged_no_buy"])
+                          for n, f in fits.items())):
         print(f"{name:38s} {auc(score, no_buy):8.3f}")
     print(f"\n{'purchases in the holdout':38s} {'MAE':>7s} {'RMSE':>7s} {'corr':>6s} "
           f"{'total':>8s}  (actual {actual.sum():,})")
