@@ -191,8 +191,10 @@ def markdown(results: list[Freshness]) -> list[str]:
         f"processes; {first.customers:,} customers with a year of history replayed first, then "
         f"{first.seconds:g} s of purchases at each rate to random customers; "
         f"{first.watched} of them watched through WatchCustomer. \"in Redis\": every "
-        f"customer's document, from its event's occurred_at to its publication on the "
-        f"update channel (bench/redis_probe.py): the flow's share, without the serving path.",
+        f"customer's first document of each new event, from the event's occurred_at to "
+        f"its publication on the update channel (bench/redis_probe.py; later documents of "
+        f"the same event, rescores and due instants, are skipped): the flow's share, "
+        f"without the serving path.",
         "",
         "| target rate (events/s) | published/s | flow consumed/s | samples seen | p50 ms "
         "| p99 ms | in Redis p50 / p99 ms | lag at end of publishing / after wait (events) "
