@@ -128,6 +128,10 @@ class Settings:
     redis_timeout: float = _setting(
         0.5, "most seconds the server waits for Redis per call (a shorter deadline wins)"
     )
+    score_cache_size: int = _setting(
+        100_000, "scores the server keeps in memory (~300 B each), kept exact by Redis's "
+        "invalidation messages (0: off; off on a Redis Cluster)"
+    )
     health_interval: float = _setting(
         1.0, "seconds between the server's Redis health checks"
     )

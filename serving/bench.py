@@ -5,10 +5,15 @@
 
 Starts a private Redis seeded with score documents, then, each in its own child process
 (so the client never shares a GIL with the server), a trivial echo server and the real
-scoring server (auth on, same thread pool and options). Clients in this process measure,
-for each: latency p50/p99 at a fixed request rate (8 blocking clients in threads, each
-call timed from the moment it was due), and peak QPS with ``--concurrency`` calls in
-flight (a grpc.aio client). It prints numbers and asserts nothing.
+scoring server (auth on, same thread pool and options), twice: as configured by default,
+with its score cache (serving/cache.py), and with the cache off, every call read from
+Redis. The seeded customers fit the cache: after its first read of a customer, the
+cached server answers it from memory, as it does a web shop session's repeated asks.
+Clients in this process measure, for each: latency p50/p99 at a fixed request rate
+(8 blocking clients in threads, each call timed from the moment it was due), and peak
+QPS with ``--concurrency`` calls in flight (a grpc.aio client); for the cached server,
+the share of lookups its cache answered in each phase (from its /metrics). It prints
+numbers and asserts nothing.
 Targets (2-core box, client and server on it): GetScore p99 <= 2 ms at 1,000 QPS;
 peak GetScore QPS >= 60% of the echo service's.
 
@@ -30,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent import futures
@@ -38,6 +44,7 @@ from typing import Any, cast
 import grpc
 import orjson
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from crmscore.embedded import free_port, port_open, start_redis
 from crmscore.layout import RedisLayout
@@ -52,6 +59,7 @@ SOAK_WINDOW_S = 30.0
 Call = Callable[[int], Awaitable[object]]
 SyncCall = Callable[[int], object]
 FIXED_RATE_THREADS = 8
+NO_CACHE = "scoring, no cache"
 
 
 # -- servers (child processes) -------------------------------------------------------------
@@ -75,9 +83,11 @@ def serve_echo(port: int, settings: Settings) -> None:
 
 
 def serve_scoring(port: int, settings: Settings) -> None:
+    from serving.metrics import serve_metrics
     from serving.server import create_server
 
     server, _ = create_server(settings, f"127.0.0.1:{port}")
+    serve_metrics(settings.metrics_port, "127.0.0.1")
     server.start()
     _wait_for_signal()
     server.stop(0)
@@ -176,18 +186,41 @@ async def peak(call: Call, concurrency: int, seconds: float) -> tuple[float, int
     return done / (time.perf_counter() - started), errors
 
 
+def cache_lookups(metrics_port: int | None) -> dict[str, float]:
+    """The score cache's lookups so far by result (hit, miss), from a server's /metrics."""
+    lookups = {"hit": 0.0, "miss": 0.0}
+    if metrics_port is None:
+        return lookups
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == "crmscore_score_cache_lookups":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    lookups[sample.labels["result"]] += sample.value
+    return lookups
+
+
+def hit_share(before: dict[str, float], after: dict[str, float]) -> str:
+    hits, misses = after["hit"] - before["hit"], after["miss"] - before["miss"]
+    return f"{hits / (hits + misses):.0%}" if hits + misses else "-"
+
+
 def measure(name: str, address: str, calls: Callable[[Any], Call | SyncCall], rate: float,
-            args: argparse.Namespace) -> Result:
+            args: argparse.Namespace, metrics_port: int | None = None) -> Result:
     """Latency at a fixed rate from blocking clients, then peak QPS with
     ``args.concurrency`` calls in flight from a grpc.aio client. ``calls(channel)`` makes
     the call function for a channel of either kind. The two clients never share the
     process at once: an open asyncio channel alone added milliseconds to blocking calls'
-    p99 here."""
+    p99 here. With the server's ``metrics_port``, also the share of each phase's score
+    lookups its cache answered."""
     with grpc.insecure_channel(address) as channel:
         sync_call = calls(channel)
         for i in range(200):  # warm-up: connections, caches, thread pool
             sync_call(i)
+        at_start = cache_lookups(metrics_port)
         latencies, errors = fixed_rate(sync_call, rate, args.seconds)
+    after_fixed_rate = cache_lookups(metrics_port)
 
     async def at_peak() -> tuple[float, int]:
         async with grpc.aio.insecure_channel(address) as aio_channel:
@@ -196,17 +229,21 @@ def measure(name: str, address: str, calls: Callable[[Any], Call | SyncCall], ra
                 await call(i)
             return await peak(call, args.concurrency, args.seconds)
 
+    before_peak = cache_lookups(metrics_port)  # the peak's warm-up calls are not its own
     qps, peak_errors = asyncio.run(at_peak())
+    after_peak = cache_lookups(metrics_port)
     result = Result(name, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,
                     rate, qps, errors + peak_errors)
     print(f"  {name:<24} p50 {result.p50_ms:6.2f} ms  p99 {result.p99_ms:6.2f} ms "
           f"at {rate:g}/s   peak {qps:8.0f} QPS ({args.concurrency} in flight)"
-          + (f"  errors {result.errors}" if result.errors else ""), flush=True)
+          + (f"  errors {result.errors}" if result.errors else "")
+          + (f"  cache hits {hit_share(at_start, after_fixed_rate)} / "
+             f"{hit_share(before_peak, after_peak)}" if metrics_port else ""), flush=True)
     return result
 
 
 def run_clients(args: argparse.Namespace, ports: dict[str, int], key: str,
-                customers: int) -> list[Result]:
+                customers: int, metrics_port: int) -> list[Result]:
     ids = [f"bench-{n}" for n in range(customers)]
     rng = random.Random(7)
     metadata = (("authorization", f"Bearer {key}"),)
@@ -228,11 +265,15 @@ def run_clients(args: argparse.Namespace, ports: dict[str, int], key: str,
         return lambda i: stub.BatchGetScores(batches[i % len(batches)], timeout=5,
                                              metadata=metadata)
 
-    echo_address, scoring_address = (f"127.0.0.1:{ports[k]}" for k in ("echo", "scoring"))
+    address = {kind: f"127.0.0.1:{port}" for kind, port in ports.items()}
     return [
-        measure("echo", echo_address, echo, args.rate, args),
-        measure("GetScore", scoring_address, get_score, args.rate, args),
-        measure("BatchGetScores(100)", scoring_address, batch_get, args.batch_rate, args),
+        measure("echo", address["echo"], echo, args.rate, args),
+        measure("GetScore", address["scoring"], get_score, args.rate, args, metrics_port),
+        measure("BatchGetScores(100)", address["scoring"], batch_get, args.batch_rate, args,
+                metrics_port),
+        measure("GetScore, no cache", address[NO_CACHE], get_score, args.rate, args),
+        measure("BatchGetScores, no cache", address[NO_CACHE], batch_get, args.batch_rate,
+                args),
     ]
 
 
@@ -419,10 +460,16 @@ def main(argv: list[str] | None = None) -> int:
         key = new_key()
         env = {"CRMSCORE_REDIS_URL": url, "CRMSCORE_REDIS_PREFIX": PREFIX,
                "CRMSCORE_API_KEYS": entry("reader", key), "CRMSCORE_METRICS_PORT": "0"}
-        kinds = ("scoring",) if args.soak else ("echo", "scoring")
+        kinds = ("scoring",) if args.soak else ("echo", "scoring", NO_CACHE)
         ports = {kind: free_port() for kind in kinds}
+        metrics = free_port()
         for kind, port in ports.items():
-            children.append(spawn(kind, port, env))
+            if kind == NO_CACHE:
+                children.append(spawn("scoring", port, {**env, "CRMSCORE_SCORE_CACHE_SIZE": "0"}))
+            elif kind == "scoring":
+                children.append(spawn(kind, port, {**env, "CRMSCORE_METRICS_PORT": str(metrics)}))
+            else:
+                children.append(spawn(kind, port, env))
         print(f"serving benchmark: {os.cpu_count()} CPUs, grpcio {grpc.__version__}, "
               f"{args.customers:,} customers, sync grpc server with "
               f"{Settings.from_env(os.environ).grpc_workers} threads for unary calls, auth on; "
@@ -432,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = asyncio.run(run_soak(args, ports["scoring"], scoring.pid, key,
                                           args.customers))
             return 1 if failed else 0
-        results = run_clients(args, ports, key, args.customers)
-        echo, get, _ = results
+        results = run_clients(args, ports, key, args.customers, metrics)
+        echo, get, *_ = results
         print(f"  GetScore p99 at {args.rate:g}/s: {get.p99_ms:.2f} ms (target <= 2 ms); "
               f"peak GetScore / echo: {get.peak_qps / echo.peak_qps:.0%} (target >= 60%)")
     finally:

@@ -66,6 +66,12 @@ class ClusterScoreStore(ScoreStore):
                 node.redis_connection.connection_pool.disconnect()
         client.close()
 
+    def get_tracked(
+        self, customer_ids: Sequence[str], redirect: int, timeout: float | None = None
+    ) -> tuple[list[Any], bool]:
+        """Never tracked: a redirect reaches only a client on the key's own node."""
+        return self.get_many(customer_ids, timeout), False
+
     def iter_docs(self, timeout: float | None = None) -> Iterator[bytes]:
         """Every score document, by SCAN over the score keys of every primary."""
         deadline = self._deadline(timeout)

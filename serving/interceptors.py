@@ -14,7 +14,8 @@ else becomes INTERNAL with its traceback in the log, never in the reply.
 The request decoder is wrapped too: bytes that are not the request message reach the
 wrapped call as :data:`UNDECODABLE`, so such a call is authenticated first, counted, and
 answered INVALID_ARGUMENT. (grpc's own decoder answers INTERNAL before any key is
-checked and logs a traceback per call: a log flood open to anyone.)
+checked and logs a traceback per call: a log flood open to anyone.) The reply encoder
+lets a behavior answer its reply already serialized, as cached scores are.
 """
 
 from __future__ import annotations
@@ -96,10 +97,22 @@ def _tolerant(decode: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] |
     return tolerant_decode
 
 
+def _passthrough(encode: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """``encode``, except that a reply already serialized (bytes) goes out as it is."""
+    if encode is None:
+        return None
+
+    def passthrough_encode(reply: Any) -> bytes:
+        return reply if reply.__class__ is bytes else encode(reply)
+
+    return passthrough_encode
+
+
 def _replace_behavior(handler: Any, wrap: Callable[[Any, bool], Any]) -> Any:
     """``handler`` with its behavior wrapped (``wrap(behavior, streaming)``) and its request
     decoder made tolerant."""
-    handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+    handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer),
+                               response_serializer=_passthrough(handler.response_serializer))
     if handler.unary_unary:
         return handler._replace(unary_unary=wrap(handler.unary_unary, False))
     if handler.unary_stream:

@@ -23,6 +23,11 @@ REDIS_ERRORS = Counter(
     "crmscore_redis_errors_total", "Redis calls that failed or timed out, by operation", ["op"]
 )
 WATCHERS = Gauge("crmscore_watchers", "Open WatchCustomer streams")
+CACHE_LOOKUPS = Counter(
+    "crmscore_score_cache_lookups_total",
+    "GetScore / BatchGetScores lookups in the server's score cache, by result (hit, miss)",
+    ["result"],
+)
 REDIS_UP = Gauge("crmscore_redis_up", "1 while the health checker's Redis PING answers")
 
 

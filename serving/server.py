@@ -30,6 +30,7 @@ from crmscore.doc_codec import load
 from crmscore.settings import Settings
 from crmscore.v1 import scoring_pb2, scoring_pb2_grpc
 from serving.auth import ApiKeys, auth_enabled
+from serving.cache import ScoreCache
 from serving.convert import (
     alert_report_message,
     model_report_message,
@@ -71,16 +72,22 @@ def _remaining(context: grpc.ServicerContext) -> float | None:
 
 
 class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
-    def __init__(self, store: ScoreStore, hub: UpdateHub) -> None:
+    def __init__(self, store: ScoreStore, hub: UpdateHub, cache: ScoreCache | None = None) -> None:
         self.store = store
         self.hub = hub
+        self.cache = cache
+
+    # GetScore and BatchGetScores answer serialized CustomerScores (bytes): what the cache
+    # holds. Registrar lets a behavior return its reply serialized.
 
     def GetScore(self, request: Any, context: grpc.ServicerContext) -> Any:
         customer_id = check_id(request.customer_id)
-        doc = self.store.get(customer_id, _remaining(context))
-        if doc is None:
-            raise NotFound(f"customer {customer_id!r} has no score")
-        return score_message(doc)
+        score = None if self.cache is None else self.cache.lookup(customer_id)
+        if score is None:
+            (score,) = self._read([customer_id], _remaining(context))
+            if score is None:
+                raise NotFound(f"customer {customer_id!r} has no score")
+        return score
 
     def BatchGetScores(self, request: Any, context: grpc.ServicerContext) -> Any:
         ids = request.customer_ids
@@ -92,16 +99,38 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
             )
         for n, customer_id in enumerate(ids):
             check_id(customer_id, f"customer_ids[{n}]")
-        unique = list(dict.fromkeys(ids))
-        docs = self.store.get_many(unique, _remaining(context))
+        scores = dict.fromkeys(ids)  # in order, each id once
+        if self.cache is not None:
+            for customer_id in scores:
+                scores[customer_id] = self.cache.lookup(customer_id)
+        unread = [c for c, score in scores.items() if score is None]
+        if unread:
+            scores.update(zip(unread, self._read(unread, _remaining(context)), strict=True))
         response = scoring_pb2.BatchGetScoresResponse()
-        scores, missing = response.scores, response.missing_ids
-        for customer_id, doc in zip(unique, docs, strict=True):
-            if doc is None:
-                missing.append(customer_id)
+        for customer_id, score in scores.items():
+            if score is None:
+                response.missing_ids.append(customer_id)
             else:
-                scores.append(score_message(doc))
-        return response
+                response.scores.add().MergeFromString(score)
+        return response.SerializeToString()
+
+    def _read(self, customer_ids: list[str], timeout: float | None) -> list[bytes | None]:
+        """Serialized scores (None: no score) of ``customer_ids`` from Redis, into the
+        cache when it is live."""
+        redirect = None if self.cache is None else self.cache.redirect()
+        if redirect is None:
+            docs = self.store.get_many(customer_ids, timeout)
+            return [None if d is None else score_message(d).SerializeToString() for d in docs]
+        assert self.cache is not None
+        reservations = [self.cache.reserve(c, redirect) for c in customer_ids]
+        docs, tracked = self.store.get_tracked(customer_ids, redirect, timeout)
+        scores = []
+        for customer_id, reservation, doc in zip(customer_ids, reservations, docs, strict=True):
+            score = None if doc is None else score_message(doc).SerializeToString()
+            if reservation is not None:
+                self.cache.fill(customer_id, reservation, score if tracked else None)
+            scores.append(score)
+        return scores
 
     def WatchCustomer(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         customer_id = check_id(request.customer_id)
@@ -231,15 +260,19 @@ class ScoringServer:
     """The grpc.Server and the helpers that live and stop with it."""
 
     def __init__(
-        self, server: grpc.Server, store: ScoreStore, hub: UpdateHub, health_checker: HealthChecker
+        self, server: grpc.Server, store: ScoreStore, hub: UpdateHub,
+        health_checker: HealthChecker, cache: ScoreCache | None = None,
     ) -> None:
         self.grpc = server
         self.store = store
         self.hub = hub
         self.health = health_checker
+        self.cache = cache
 
     def start(self) -> None:
         self.health.start()
+        if self.cache is not None:
+            self.cache.start()
         self.grpc.start()
 
     def stop(self, grace: float | None = None) -> threading.Event:
@@ -247,6 +280,8 @@ class ScoringServer:
         self.hub.stop()  # ends the watch streams, which would otherwise outlive the grace
         done = self.grpc.stop(grace)
         self.health.stop()
+        if self.cache is not None:
+            self.cache.stop()
 
         def release() -> None:
             done.wait()
@@ -311,7 +346,8 @@ def create_server(
     store = open_store(settings)
     hub = UpdateHub(settings, max_watchers=settings.max_watchers)
     registrar = Registrar(server, keys if auth else None)  # auth, metrics, error statuses
-    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(store, hub), registrar)
+    cache = score_cache(settings)
+    scoring_pb2_grpc.add_ScoringServicer_to_server(ScoringServicer(store, hub, cache), registrar)
     health_servicer = health.HealthServicer()
     for service in ("", SERVICE):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -337,4 +373,16 @@ def create_server(
         limit,
     )
     checker = HealthChecker(store, health_servicer, settings.health_interval)
-    return ScoringServer(server, store, hub, checker), port
+    return ScoringServer(server, store, hub, checker, cache), port
+
+
+def score_cache(settings: Settings) -> ScoreCache | None:
+    """The server's score cache, or None: turned off, or on a Redis Cluster (an
+    invalidation reaches only a client on the node that owns the key)."""
+    if settings.score_cache_size <= 0:
+        log.info("score cache off (score_cache_size=%d)", settings.score_cache_size)
+        return None
+    if settings.redis_cluster:
+        log.info("score cache off: not on a Redis Cluster")
+        return None
+    return ScoreCache(settings, settings.score_cache_size)

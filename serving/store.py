@@ -70,6 +70,29 @@ class ScoreStore:
         score = self.layout.score
         return self._call("get_many", [("HGET", score(c), "doc") for c in customer_ids], timeout)
 
+    def get_tracked(
+        self, customer_ids: Sequence[str], redirect: int, timeout: float | None = None
+    ) -> tuple[list[Any], bool]:
+        """Score documents (or None) of ``customer_ids``, read on a connection that asks
+        Redis to send an invalidation to client ``redirect`` when any of them changes
+        (:mod:`serving.cache`); and whether Redis agreed to (it refuses a ``redirect``
+        that is gone, and Redis before 6 knows no tracking)."""
+        score = self.layout.score
+        reads = [("HGET", score(c), "doc") for c in customer_ids]
+        local = self._local
+        # Tracking holds for the socket it was turned on on: turned on again after a
+        # reconnect, and a read that reconnected midway is not tracked.
+        conn: Any = getattr(local, "conn", None)
+        sock = None if conn is None else conn._sock
+        if sock is not None and getattr(local, "tracking", None) == (sock, redirect):
+            docs = self._call("get", reads, timeout)
+            return docs, conn._sock is sock
+        turn_on = ("CLIENT", "TRACKING", "ON", "REDIRECT", redirect)
+        replies = self._call("get", [turn_on, *reads], timeout, refusable=1)
+        tracked = not isinstance(replies[0], redis.ResponseError)
+        local.tracking = (local.conn._sock, redirect) if tracked else None
+        return replies[1:], tracked
+
     def status(self, timeout: float | None = None) -> bytes | None:
         """The JSON pipeline status document, or None before the flow wrote one."""
         (doc,) = self._call("status", [("HGET", self.layout.status(), "doc")], timeout)
@@ -127,13 +150,21 @@ class ScoreStore:
         timeout: float | None = None,
         *,
         deadline: float | None = None,
+        refusable: int = 0,
     ) -> list[Any]:
         """Replies to ``commands``, read before ``deadline`` (else ``timeout`` from now,
-        capped by ``redis_timeout``)."""
-        return self._send(op, commands, self._deadline(timeout) if deadline is None else deadline)
+        capped by ``redis_timeout``). The first ``refusable`` commands may be refused:
+        their error is their reply."""
+        deadline = self._deadline(timeout) if deadline is None else deadline
+        replies = self._send(op, commands, deadline)
+        for n, reply in enumerate(replies):
+            if n >= refusable and isinstance(reply, redis.ResponseError):
+                raise DataError(f"Redis refused {commands[n][0]}: {reply}")
+        return replies
 
     def _send(self, op: str, commands: list[tuple[Any, ...]], deadline: float) -> list[Any]:
-        """Send ``commands`` in one write and read their replies before ``deadline``."""
+        """Send ``commands`` in one write and read their replies (a refusal's error as its
+        reply) before ``deadline``."""
         if deadline <= time.monotonic():
             raise DeadlineExceeded(f"the deadline passed before Redis was asked ({op})")
         conn = getattr(self._local, "conn", None)
@@ -170,7 +201,10 @@ class ScoreStore:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise redis.TimeoutError("deadline reached between replies")
-                replies.append(conn.read_response(timeout=remaining))
+                try:
+                    replies.append(conn.read_response(timeout=remaining))
+                except redis.ResponseError as refusal:  # read whole: the next reply follows
+                    replies.append(refusal)
             return replies
         except redis.ConnectionError:
             raise  # the caller decides whether to retry
@@ -179,6 +213,3 @@ class ScoreStore:
             op = str(commands[0][0]).lower()
             REDIS_ERRORS.labels(op).inc()
             raise Unavailable(f"Redis unavailable ({op}): {exc}") from exc
-        except redis.ResponseError as exc:
-            conn.disconnect()  # later replies of the batch are unread
-            raise DataError(f"Redis refused {commands[0][0]}: {exc}") from exc
