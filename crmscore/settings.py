@@ -14,6 +14,14 @@ True
 Traceback (most recent call last):
 ...
 crmscore.settings.SettingsError: CRMSCORE_TOPIC_PARTITIONS: expected an integer, got 'many'
+>>> Settings.from_env({"CRMSCORE_RESCORE_RATE": "-5"})
+Traceback (most recent call last):
+...
+crmscore.settings.SettingsError: CRMSCORE_RESCORE_RATE: must be >= 0, got -5.0
+>>> Settings(redis_timeout=0.0)
+Traceback (most recent call last):
+...
+crmscore.settings.SettingsError: CRMSCORE_REDIS_TIMEOUT: must be > 0, got 0.0
 """
 
 from __future__ import annotations
@@ -30,8 +38,13 @@ class SettingsError(ValueError):
     """A setting has a value that cannot be used."""
 
 
-def _setting(default: Any, help: str, *, secret: bool = False) -> Any:
-    return field(default=default, metadata={"help": help, "secret": secret})
+def _setting(default: Any, help: str, *, secret: bool = False, above: float | None = None,
+             at_least: float | None = None, at_most: float | None = None) -> Any:
+    """A setting; a number may be bounded: ``above`` (exclusive), ``at_least`` and
+    ``at_most`` (inclusive). A value out of bounds stops the settings with its variable."""
+    return field(default=default, metadata={
+        "help": help, "secret": secret, "above": above, "at_least": at_least, "at_most": at_most,
+    })
 
 
 @dataclass(frozen=True)
@@ -50,7 +63,7 @@ class Settings:
     timers_topic: str = _setting(
         "crm.timers", "internal topic carrying the flow's event-time wake-ups back to it"
     )
-    topic_partitions: int = _setting(4, "partitions for topics the service creates")
+    topic_partitions: int = _setting(4, "partitions for topics the service creates", at_least=1)
     # Redis
     redis_url: str = _setting(
         "redis://127.0.0.1:6379/0", "Redis URL (redis:// or rediss://)", secret=True
@@ -68,33 +81,40 @@ class Settings:
     recovery_dir: str = _setting(
         ".crmscore/recovery", "bytewax recovery directory (created and initialised when empty)"
     )
-    recovery_partitions: int = _setting(1, "recovery partitions created in an empty recovery dir")
+    recovery_partitions: int = _setting(
+        1, "recovery partitions created in an empty recovery dir", at_least=1
+    )
     # Each epoch ends with a pause in which bytewax snapshots every key touched in it
     # (~0.1 ms each, plus ~50 ms for the models): at 300 events/s a 1 s epoch made the
     # freshness p99 106 ms, a 5 s one 173 ms; replay throughput within noise of each other.
-    snapshot_interval: float = _setting(1.0, "seconds between state snapshots (bytewax epoch)")
+    snapshot_interval: float = _setting(
+        1.0, "seconds between state snapshots (bytewax epoch)", above=0
+    )
     backup_interval: float = _setting(
-        0.0, "seconds to keep old snapshots (bytewax backup interval)"
+        0.0, "seconds to keep old snapshots (bytewax backup interval)", at_least=0
     )
     lateness_days: float = _setting(
         7.0, "event-time lateness window: duplicates are detected within it; "
-        "events later than this behind their customer's newest event are rejected"
+        "events later than this behind their customer's newest event are rejected", at_least=0
     )
     max_future_seconds: float = _setting(
-        3600.0, "events whose occurred_at is further ahead of the wall clock are rejected"
+        3600.0, "events whose occurred_at is further ahead of the wall clock are rejected",
+        at_least=0
     )
     churn_horizon_days: float = _setting(
-        90.0, "churn_risk is the probability of no purchase within this many days"
+        90.0, "churn_risk is the probability of no purchase within this many days", above=0
     )
     clv_horizon_days: float = _setting(
-        365.0, "horizon of expected_purchases and clv_predicted, in days"
+        365.0, "horizon of expected_purchases and clv_predicted, in days", above=0
     )
     model_publish_seconds: float = _setting(
-        2.0, "seconds between the models step's publications of models and report to Redis"
+        2.0, "seconds between the models step's publications of models and report to Redis",
+        above=0
     )
     rescore_rate: float = _setting(
         100.0, "when the served model changes, waiting customers are rescored at most this "
-        "many a second (wall clock), so the extra work does not stall live events; 0: at once"
+        "many a second (wall clock), so the extra work does not stall live events; 0: at once",
+        at_least=0
     )
     model_updates: str = _setting(
         "live", "'live': customers score with the newest learned models; 'frozen': with "
@@ -109,7 +129,7 @@ class Settings:
         "(comma-separated: logreg, tree); a resumed flow switches to this lineup"
     )
     btyd_refit_days: float = _setting(
-        7.0, "days of event time between BG/NBD + Gamma-Gamma refits (in the background)"
+        7.0, "days of event time between BG/NBD + Gamma-Gamma refits (in the background)", above=0
     )
     # Serving
     grpc_address: str = _setting("127.0.0.1:50051", "gRPC listen / connect address")
@@ -117,26 +137,27 @@ class Settings:
     # Serving (gRPC API, issue 4): server
     grpc_workers: int = _setting(
         4, "gRPC server threads answering unary calls (streams have their own: max_watchers + 3);"
-        " more threads contend for the GIL and answer fewer calls"
+        " more threads contend for the GIL and answer fewer calls", at_least=1
     )
     grpc_max_message_bytes: int = _setting(
-        4 * 1024 * 1024, "largest gRPC message the server receives or sends, in bytes"
+        4 * 1024 * 1024, "largest gRPC message the server receives or sends, in bytes",
+        at_least=1024
     )
     grpc_grace_seconds: float = _setting(
-        5.0, "seconds in-flight calls get to finish when the server stops"
+        5.0, "seconds in-flight calls get to finish when the server stops", at_least=0
     )
     redis_timeout: float = _setting(
-        0.5, "most seconds the server waits for Redis per call (a shorter deadline wins)"
+        0.5, "most seconds the server waits for Redis per call (a shorter deadline wins)", above=0
     )
     score_cache_size: int = _setting(
         100_000, "scores the server keeps in memory (~300 B each), kept exact by Redis's "
-        "invalidation messages (0: off; off on a Redis Cluster)"
+        "invalidation messages (0: off; off on a Redis Cluster)", at_least=0
     )
     health_interval: float = _setting(
-        1.0, "seconds between the server's Redis health checks"
+        1.0, "seconds between the server's Redis health checks", above=0
     )
     max_watchers: int = _setting(
-        16, "most concurrent WatchCustomer streams (each holds a server thread)"
+        16, "most concurrent WatchCustomer streams (each holds a server thread)", at_least=0
     )
     auth: str = _setting("on", "API key authentication: 'on', or 'off' for local demos only")
     api_keys: str = _setting(
@@ -148,16 +169,22 @@ class Settings:
     tls_client_ca: str = _setting(
         "", "CA bundle (PEM file) to verify client certificates; set to require them (mTLS)"
     )
-    metrics_port: int = _setting(9464, "Prometheus metrics HTTP port of the server (0: off)")
+    metrics_port: int = _setting(
+        9464, "Prometheus metrics HTTP port of the server (0: off)", at_least=0, at_most=65535
+    )
     log_format: str = _setting(
         "text", "log lines of every command: 'text' (readable) or 'json' (one object a line)"
     )
     # Serving: client (crmscore score)
     api_key: str = _setting("", "API key the client sends", secret=True)
-    grpc_timeout: float = _setting(5.0, "client deadline per call, in seconds")
+    grpc_timeout: float = _setting(5.0, "client deadline per call, in seconds", above=0)
     tls_ca: str = _setting("", "CA bundle (PEM file) the client trusts; set to connect with TLS")
     tls_client_cert: str = _setting("", "client certificate (PEM file) for mTLS")
     tls_client_key: str = _setting("", "client private key (PEM file) for mTLS")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_bounds(f, getattr(self, f.name))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], **overrides: Any) -> Settings:
@@ -224,6 +251,15 @@ def _convert(var: str, type_name: Any, raw: Any) -> Any:
     except ValueError:
         word = {int: "an integer", float: "a number", str: "a string"}[kind]
         raise SettingsError(f"{var}: expected {word}, got {raw!r}") from None
+
+
+def _check_bounds(f: dataclasses.Field[Any], value: Any) -> None:
+    rules = [(f.metadata["above"], ">", lambda bound: value > bound),
+             (f.metadata["at_least"], ">=", lambda bound: value >= bound),
+             (f.metadata["at_most"], "<=", lambda bound: value <= bound)]
+    for bound, sign, holds in rules:
+        if bound is not None and not holds(bound):  # NaN holds no bound
+            raise SettingsError(f"{env_var(f.name)}: must be {sign} {bound:g}, got {value!r}")
 
 
 def _redact(name: str, value: str) -> str:
