@@ -217,6 +217,29 @@ def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_proce
     assert logic.customer.as_of_us is not None and logic.customer.as_of_us > as_of
 
 
+def test_a_customer_snapshot_is_its_state_after_its_last_batch_and_is_not_kept(
+        redis_conn, unique):
+    from bytewax.connectors.kafka import KafkaSourceMessage
+
+    from crmscore.layout import RedisLayout
+    from flows.model_registry import BundleCache
+    from flows.scoring import Accepted, CustomerLogic
+
+    layout = RedisLayout(f"{unique}:")
+    cache = BundleCache(redis_conn, layout, EMPTY_BUNDLE)
+    logic = CustomerLogic(None, cache, layout, None)
+    message = KafkaSourceMessage(b"c", b"", topic="tx")
+    logic.on_batch([Accepted(purchase(0, 0), message)])
+    logic.on_batch([Accepted(purchase(10, 1), message)])
+    snapshot = logic.snapshot()  # pickled at the end of the second batch
+    assert logic.pickled is None  # handed over, not held per customer
+    again = logic.snapshot()  # no batch since: pickled now, the same state
+    resumed = CustomerLogic(snapshot, cache, layout, None)
+    assert resumed.customer is not None and logic.customer is not None
+    assert resumed.customer.state.purchase_count == 2 == logic.customer.state.purchase_count
+    assert pickle.loads(again).version == pickle.loads(snapshot).version == logic.customer.version
+
+
 def test_a_clock_snapshot_without_open_hours_still_ticks_the_next_hours():
     from crmscore.layout import RedisLayout
 
