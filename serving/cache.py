@@ -2,8 +2,8 @@
 
 Most GetScore calls of a web shop ask again for a customer asked for moments before
 (each page of a session), and a round trip to Redis is most of a call's cost: at peak,
-64 GetScore calls in flight answered 4,700-5,300 QPS from Redis and 6,000-7,200 from
-memory beside an echo service's 9,400-11,800 (``python -m serving.bench``).
+64 GetScore calls in flight answered 3,800-5,300 QPS from Redis and 5,200-7,900 with
+this cache, beside an echo service's 8,300-10,800 (``python -m serving.bench``).
 
 :class:`ScoreCache` uses Redis's server-assisted client-side caching
 (https://redis.io/docs/latest/develop/reference/client-side-caching/):
@@ -49,12 +49,9 @@ _MAX_BACKOFF_S = 2.0
 
 
 class Reservation:
-    """An entry being read from Redis, for the invalidation connection ``redirect``."""
+    """The place of an entry being read from Redis (compared by identity)."""
 
-    __slots__ = ("redirect",)
-
-    def __init__(self, redirect: int) -> None:
-        self.redirect = redirect
+    __slots__ = ()
 
 
 class ScoreCache:
@@ -105,7 +102,7 @@ class ScoreCache:
     def reserve(self, customer_id: str, redirect: int) -> Reservation | None:
         """Reserve the entry of ``customer_id`` before reading it from Redis with tracking
         for ``redirect``; None if that connection is gone already."""
-        reservation = Reservation(redirect)
+        reservation = Reservation()
         with self._lock:
             if self._redirect != redirect:
                 return None

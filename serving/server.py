@@ -1,11 +1,12 @@
 """The gRPC scoring API over the score documents in Redis.
 
 :func:`create_server` builds everything a running server needs: the Scoring servicer,
-each method wrapped with auth, error mapping and metrics (:mod:`serving.interceptors`),
-the standard health service (SERVING only while a background checker's Redis PING
-answers), server reflection, message size limits and, when configured, TLS. It binds
-the port (0 picks a free one) but does not start; tests and ``crmscore serve`` call
-``start()``.
+with its score cache (:mod:`serving.cache`: GetScore and BatchGetScores answer from
+memory what Redis has not reported changed), each method wrapped with auth, error
+mapping and metrics (:mod:`serving.interceptors`), the standard health service
+(SERVING only while a background checker's Redis PING answers), server reflection,
+message size limits and, when configured, TLS. It binds the port (0 picks a free one)
+but does not start; tests and ``crmscore serve`` call ``start()``.
 
 The server is grpcio's synchronous one on a thread pool: measured faster than
 grpc.aio for these short Redis-bound calls. Each open WatchCustomer stream holds a
