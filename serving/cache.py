@@ -65,6 +65,7 @@ class ScoreCache:
         self._lock = threading.Lock()
         self._redirect: int | None = None  # the invalidation connection's id while open
         self._fresh_until = 0.0  # monotonic: entries are served before this instant
+        self._refusal_logged = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="crmscore-cache", daemon=True)
         self._hits = CACHE_LOOKUPS.labels("hit")
@@ -122,6 +123,16 @@ class ScoreCache:
                 else:
                     self._entries[customer_id] = serialized
 
+    def refused(self, redirect: int) -> None:
+        """Redis did not track a read for ``redirect``. If that connection is still the
+        cache's (a reconnect in between explains a refusal), Redis refuses tracking
+        itself: say so once."""
+        if redirect == self._redirect and not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning("score cache: Redis refuses CLIENT TRACKING (a Redis before 6, or "
+                        "an ACL user without the CLIENT command?): every score is read "
+                        "from Redis; set CRMSCORE_SCORE_CACHE_SIZE=0 to stop trying")
+
     def __contains__(self, customer_id: object) -> bool:
         """Whether a score (not a reservation) of ``customer_id`` is held."""
         return self._entries.get(customer_id).__class__ is bytes  # type: ignore[call-overload]
@@ -137,6 +148,10 @@ class ScoreCache:
             try:
                 self._listen()
                 backoff = PING_EVERY_S
+            except redis.ResponseError as exc:  # refused, not unreachable: for good
+                log.warning("score cache off: Redis refuses its invalidation connection "
+                            "(%s); every score is read from Redis", exc)
+                return
             except (redis.RedisError, OSError) as exc:
                 log.warning("score cache off until Redis answers again: %s", exc)
             self._stop.wait(backoff)

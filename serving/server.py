@@ -125,6 +125,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
         assert self.cache is not None
         reservations = [self.cache.reserve(c, redirect) for c in customer_ids]
         docs, tracked = self.store.get_tracked(customer_ids, redirect, timeout)
+        if not tracked:
+            self.cache.refused(redirect)
         scores = []
         for customer_id, reservation, doc in zip(customer_ids, reservations, docs, strict=True):
             score = None if doc is None else score_message(doc).SerializeToString()

@@ -207,3 +207,56 @@ def test_entries_beyond_the_size_go_least_recently_used_first(private_redis):
         assert ("a" in cache, "b" in cache, "c" in cache) == (True, False, True)
     finally:
         cache.stop()
+
+
+def start_as(private_redis: Server, rights: str, prefix: str) -> tuple[Running, redis.Redis]:
+    """A server reading Redis as a user with ``rights`` (ACL rules), and an admin client."""
+    admin = redis.Redis.from_url(f"redis://{private_redis.address}/0")
+    admin.execute_command("ACL", "SETUSER", prefix, "on", ">secret", "~*", "&*", "+@all",
+                          *rights.split())
+    url = f"redis://{prefix}:secret@{private_redis.address}/0"
+    return start(serving_settings(url, f"{prefix}:")), admin
+
+
+def serves_every_write(running: Running, admin: redis.Redis) -> None:
+    write_score(admin, running.layout, score_doc("c-1", version=1))
+    with running.client() as client:
+        for _ in range(3):
+            assert client.get_score("c-1").version == 1
+        write_score(admin, running.layout, score_doc("c-1", version=2))
+        assert client.get_score("c-1").version == 2  # never cached: no lease to wait for
+    assert running.server.cache is not None and len(running.server.cache) == 0
+
+
+def warnings_with(caplog: Any, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records if r.name == "serving.cache")
+
+
+def test_a_redis_user_refused_tracking_gets_every_score_and_one_warning(
+        private_redis, caplog):
+    caplog.set_level("WARNING", logger="serving.cache")
+    running, admin = start_as(private_redis, "-client +client|id", "notracking")
+    try:
+        cache = running.server.cache
+        wait_for(lambda: cache.live, what="the cache's lease")  # CLIENT ID, SUBSCRIBE, PING
+        serves_every_write(running, admin)
+        assert warnings_with(caplog, "refuses CLIENT TRACKING") == 1
+    finally:
+        admin.close()
+        running.server.stop(0).wait(5)
+
+
+def test_a_redis_user_refused_the_invalidation_connection_gets_every_score(
+        private_redis, caplog):
+    caplog.set_level("WARNING", logger="serving.cache")
+    running, admin = start_as(private_redis, "-client", "noclient")
+    try:
+        wait_for(lambda: warnings_with(caplog, "Redis refuses its invalidation") == 1,
+                 what="the cache giving up")
+        serves_every_write(running, admin)
+        assert not running.server.cache.live
+        time.sleep(0.3)  # it gave up for good: no retry, no second warning
+        assert warnings_with(caplog, "Redis refuses its invalidation") == 1
+    finally:
+        admin.close()
+        running.server.stop(0).wait(5)
