@@ -229,7 +229,7 @@ def measure(name: str, address: str, calls: Callable[[Any], Call | SyncCall], ra
                 await call(i)
             return await peak(call, args.concurrency, args.seconds)
 
-    before_peak = cache_lookups(metrics_port)  # the peak's warm-up calls are not its own
+    before_peak = cache_lookups(metrics_port)  # its 200 warm-up calls count in the peak
     qps, peak_errors = asyncio.run(at_peak())
     after_peak = cache_lookups(metrics_port)
     result = Result(name, percentile(latencies, 0.5) * 1e3, percentile(latencies, 0.99) * 1e3,

@@ -1,7 +1,8 @@
 """The server's score cache against a real, private Redis: hits come from memory, and a
 write, delete or flush in Redis reaches the cache through Redis's invalidation messages;
 a reply overtaken by an invalidation is not cached; a lost invalidation connection
-empties the cache, and a new one resumes it.
+empties the cache, and a new one resumes it; a Redis user refused tracking gets every
+score from Redis, with one warning.
 
 Each test runs its own Redis: they flush it and kill its clients.
 """
