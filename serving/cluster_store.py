@@ -118,6 +118,13 @@ class ClusterScoreStore(ScoreStore):
                 if ask_node is not None:
                     asks[i] = ask_node
                     todo.append(i)
+                elif isinstance(result, MovedError):
+                    # The reply names the slot's owner: route there at once. The slot map's
+                    # refresh below is rate-limited, and one just before left the retry
+                    # going to the old owner (MOVED twice, UNAVAILABLE; CI, once).
+                    client.nodes_manager.move_slot(result)
+                    failure = result
+                    todo.append(i)
                 elif isinstance(result, (*_REROUTE, AskError)):
                     failure = result
                     todo.append(i)
