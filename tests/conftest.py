@@ -30,6 +30,14 @@ def redis_server() -> Iterator[Server]:
     server.stop()
 
 
+@pytest.fixture
+def private_redis() -> Iterator[Server]:
+    """A Redis of the test's own, for tests that pause, flush or restrict it."""
+    server = start_redis()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def redis_url(redis_server: Server) -> str:
     return f"redis://{redis_server.address}/0"

@@ -17,7 +17,7 @@ import grpc
 import pytest
 import redis
 
-from crmscore.embedded import Server, start_redis
+from crmscore.embedded import Server
 from serving.cache import LEASE_S, ScoreCache
 from serving.metrics import CACHE_LOOKUPS
 from serving.server import score_cache
@@ -30,13 +30,6 @@ from tests.test_serving import (
     wait_for,
     write_score,
 )
-
-
-@pytest.fixture
-def private_redis() -> Iterator[Server]:
-    server = start_redis()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -29,13 +29,6 @@ FAILED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @pytest.fixture
-def private_redis() -> Iterator[Server]:
-    server = start_redis()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def api(private_redis: Server) -> Iterator[Running]:
     running = start(serving_settings(
         f"redis://{private_redis.address}/0", "out:", redis_timeout=0.3, health_interval=0.1))
