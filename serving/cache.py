@@ -36,6 +36,7 @@ from typing import Any
 
 import redis
 
+from crmscore.clients import redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from serving.metrics import CACHE_LOOKUPS
@@ -159,10 +160,10 @@ class ScoreCache:
 
     def _listen(self) -> None:
         # RESP2: invalidations arrive as pub/sub messages on INVALIDATIONS.
-        client = redis.Redis.from_url(
-            self._settings.redis_url, protocol=2, socket_timeout=self._settings.redis_timeout,
-            socket_connect_timeout=self._settings.redis_timeout,
-        )
+        timeout = self._settings.redis_timeout
+        client = redis_client(self._settings, protocol=2, socket_timeout=timeout,
+                              socket_connect_timeout=timeout)
+        assert isinstance(client, redis.Redis)  # off on a cluster: serving.server.score_cache
         conn = client.connection_pool.get_connection()
         try:
             conn.send_command("CLIENT", "ID")
