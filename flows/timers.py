@@ -166,12 +166,13 @@ def encode_wake(wake: Wake) -> tuple[bytes, bytes]:
 
 
 def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> Wake:
-    """A wake-up from the timers topic; ValueError when it is not one."""
+    """A wake-up from the timers topic; ValueError when it is not one. A due instant
+    before 1970 (a customer whose events are that old) is negative."""
     if key and value and value.startswith(RESCORE_PREFIX):
         version = value[len(RESCORE_PREFIX):]
         if version.isdigit() and int(version) > 0:
             return Wake(key.decode(), 0, stale, int(version))
-    elif key and value and value.isdigit():
+    elif key and value and value.removeprefix(b"-").isdigit():
         return Wake(key.decode(), int(value), stale)
     raise ValueError(f"not a wake-up: key={key!r:.80} value={value!r:.80}")
 

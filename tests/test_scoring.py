@@ -240,6 +240,17 @@ def test_a_customer_snapshot_is_its_state_after_its_last_batch_and_is_not_kept(
     assert pickle.loads(again).version == pickle.loads(snapshot).version == logic.customer.version
 
 
+def test_a_wake_up_before_1970_survives_the_timers_topic_and_garbage_does_not():
+    from flows.timers import decode_wake, encode_wake
+
+    # The JSON Schema accepts events that old; their customers' due instants are negative.
+    wake = Wake("p062", -37_565_234_059_947_479)
+    assert decode_wake(*encode_wake(wake)) == wake
+    for value in (b"-", b"--5", b"5-", b"-x", b""):
+        with pytest.raises(ValueError, match="not a wake-up"):
+            decode_wake(b"c", value)
+
+
 def test_a_clock_snapshot_without_open_hours_still_ticks_the_next_hours():
     from crmscore.layout import RedisLayout
 
