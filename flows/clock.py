@@ -1,11 +1,11 @@
 """The stream's event-time clock and the pipeline status: the flow's one ``clock`` key.
 
 Customers send the outcome counts of their batches (applied, duplicate, rejected, and
-the newest event time applied) and their wake-up registrations. The clock sums the
-counts into the status document (``GetPipelineStatus``), keeps the stream clock (the
-newest event time applied anywhere), fires registrations already due and routes the
-others to the timer bucket of their hour, ticking each open hour once the clock passes
-it (flows/timers.py).
+the newest event time applied from each partition) and their wake-up registrations. The
+clock sums the counts into the status document (``GetPipelineStatus``), keeps the stream
+clock (the watermark of the partitions, flows/watermark.py), fires registrations already
+due and routes the others to the timer bucket of their hour, ticking each open hour
+once the clock passes it (flows/timers.py).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from bytewax.operators import StatefulBatchLogic
 from crmscore.layout import RedisLayout
 from flows.redis_sink import VersionedDoc
 from flows.timers import BUCKET_US, OpenBuckets, Registration, Rescore, RescoreAll, Wake
+from flows.watermark import Watermark
 from models.transaction import format_time
 
 # How often an idle flow writes its status anyway: the write that notices, within this
@@ -28,24 +29,40 @@ from models.transaction import format_time
 STATUS_HEARTBEAT = timedelta(seconds=5)
 
 
+# The partition of counts that do not say theirs (tests, sources without partitions).
+UNPARTITIONED = -1
+
+
 class Counts(NamedTuple):
-    """Outcome counts of some messages, and the newest event time among those applied."""
+    """Outcome counts of some messages; the newest event time among those applied, and
+    per partition (``(partition, newest), ...``) the newest among those applied or
+    repeated: how far each partition has been read."""
 
     applied: int = 0
     duplicate: int = 0
     rejected: int = 0
     clock_us: int | None = None
+    partitions: tuple[tuple[int, int], ...] = ()
+
+    def newest_by_partition(self) -> dict[int, int]:
+        if self.partitions:
+            return dict(self.partitions)
+        return {} if self.clock_us is None else {UNPARTITIONED: self.clock_us}
 
 
 def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
-    applied, duplicate, rejected, clock = start or Counts()
+    applied, duplicate, rejected, clock, _ = start or Counts()
+    newest: dict[int, int] = {}
     for c in batch:
         applied += c.applied
         duplicate += c.duplicate
         rejected += c.rejected
         if c.clock_us is not None and (clock is None or c.clock_us > clock):
             clock = c.clock_us
-    return Counts(applied, duplicate, rejected, clock)
+        for partition, at_us in c.partitions:
+            if at_us > newest.get(partition, at_us - 1):
+                newest[partition] = at_us
+    return Counts(applied, duplicate, rejected, clock, tuple(newest.items()))
 
 
 class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]):
@@ -55,7 +72,8 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
 
     def __init__(self, resume: bytes | None, layout: RedisLayout,
                  rescore_rate: float = 0.0) -> None:
-        self.totals, held = (Counts(), {}) if resume is None else _clock_state(resume)
+        self.totals, held, self.watermark = ((Counts(), {}, Watermark()) if resume is None
+                                             else _clock_state(resume))
         self.buckets = OpenBuckets(held)
         self.layout = layout
         # When to write the status again without new counts: at once when resumed (Redis
@@ -71,7 +89,9 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
                  ) -> tuple[list[Any], bool]:
         counts = [v for v in values if isinstance(v, Counts)]
         self.totals = sum_counts(counts, self.totals)
-        clock = self.totals.clock_us
+        for c in counts:
+            self.watermark.update(c.newest_by_partition())
+        clock = self.watermark.advance()
         out: list[Any] = []
         for r in values:
             if isinstance(r, Registration):
@@ -101,13 +121,27 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         return out
 
     def notify_at(self) -> datetime | None:
-        return self.status_due
+        idle_at = self.watermark.idle_at()
+        if idle_at is None:
+            return self.status_due
+        at = datetime.now(UTC) + timedelta(seconds=max(idle_at - time.monotonic(), 0.0))
+        return at if self.status_due is None else min(at, self.status_due)
 
     def on_notify(self) -> tuple[list[Any], bool]:
-        return [self._status()], StatefulBatchLogic.RETAIN
+        """A quiet partition may let the clock move on; the status heartbeat."""
+        before = self.watermark.clock_us
+        clock = self.watermark.advance()
+        out: list[Any] = []
+        if clock is not None and clock != before:
+            out += self.buckets.passed(clock)
+        if clock != before or (self.status_due is not None
+                               and datetime.now(UTC) >= self.status_due):
+            out.append(self._status())
+        return out, StatefulBatchLogic.RETAIN
 
     def _status(self) -> VersionedDoc:
-        applied, duplicate, rejected, clock = self.totals
+        applied, duplicate, rejected, _, _ = self.totals
+        clock = self.watermark.clock_us
         consumed = applied + duplicate + rejected
         doc = {
             "events_consumed": consumed,
@@ -122,11 +156,12 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         return VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc))
 
     def snapshot(self) -> bytes:
-        return pickle.dumps((self.totals, self.buckets.held()))
+        return pickle.dumps((self.totals, self.buckets.held(), self.watermark))
 
 
-def _clock_state(resume: bytes) -> tuple[Counts, dict[int, int]]:
-    """The clock's snapshot: totals, and the registrations sent to each open hour.
+def _clock_state(resume: bytes) -> tuple[Counts, dict[int, int], Watermark]:
+    """The clock's snapshot: totals, the registrations sent to each open hour, and the
+    watermark (older snapshots: the clock was the newest event time, in the totals).
 
     Older snapshots: a list of open hours, without counts (0, unknown); totals only,
     from before open hours were kept: then every hour of the next ~2 years may hold
@@ -135,6 +170,8 @@ def _clock_state(resume: bytes) -> tuple[Counts, dict[int, int]]:
     state = pickle.loads(resume)
     if isinstance(state, Counts):
         now = (state.clock_us or 0) // BUCKET_US
-        return state, dict.fromkeys(range(now, now + 800 * 24), 0)
-    totals, held = state
-    return totals, held if isinstance(held, dict) else dict.fromkeys(held, 0)
+        return state, dict.fromkeys(range(now, now + 800 * 24), 0), Watermark(
+            clock_us=state.clock_us)
+    totals, held, *rest = state
+    watermark = rest[0] if rest else Watermark(clock_us=totals.clock_us)
+    return totals, held if isinstance(held, dict) else dict.fromkeys(held, 0), watermark

@@ -10,7 +10,7 @@
            -> outcome counts + wake-up registrations -> clock (one key)
                 -> pipeline status -> Redis
                 -> ticks + registrations -> timer buckets (key: hour) -> timers topic
-           -> matured labels + population rows -> models (one key)
+           -> matured labels + population rows (+ counts) -> models (one key)
                 -> model bundle + report -> Redis -> read back by customers (model_registry)
            -> alerts (live) -> alerts topic
            -> alerts + their outcomes -> alert report (one key) -> Redis
@@ -19,7 +19,8 @@ Every consumed transaction ends in exactly one of three counts, kept in the flow
 recovered state so they stay exact across crashes: applied (a new valid event),
 duplicate (an exact repeat) or rejected (sent to the dead-letter topic with a reason).
 Time-driven scores (a silent customer turning at risk, a churn label maturing) follow
-the stream's event-time clock through the timer topic (flows/timers.py).
+the stream's event-time clock through the timer topic (flows/timers.py); the clock is
+the watermark of the transactions' partitions (flows/watermark.py).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from crmscore.clients import CONSUMER_DEFAULTS, SCORING_PREFETCH, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
-from flows.clock import ClockLogic, Counts, sum_counts
+from flows.clock import UNPARTITIONED, ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink, kafka_output
 from flows.kafka_source import kafka_input
@@ -58,6 +59,7 @@ from flows.timers import (
     decode_wake,
     encode_wake,
 )
+from flows.watermark import Watermark
 from models.alert_rules import AlertRules, load_rules
 from models.alerts import Alert
 from models.churn import LabeledExample, make_models
@@ -173,6 +175,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         out = Outputs()
         emitted: list[Any] = []
         applied = duplicate = rejected = 0
+        read: dict[int, int] = {}  # partition -> newest event time applied or repeated
         changed = False
         for item in values:
             if isinstance(item, Wake):
@@ -184,15 +187,22 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                     changed |= customer.wake(item.due_us, bundle, out, self.rules)
                 continue
             outcome = customer.apply(item.tx, bundle, out, self.rules)
-            if outcome is APPLIED:
-                applied += 1
-            elif outcome is DUPLICATE:
-                duplicate += 1
+            if outcome is APPLIED or outcome is DUPLICATE:
+                if outcome is APPLIED:
+                    applied += 1
+                else:
+                    duplicate += 1
+                at_us, partition = item.tx.occurred_at_us, item.msg.partition
+                if partition is None:  # a message not from Kafka (tests)
+                    partition = UNPARTITIONED
+                if at_us > read.get(partition, at_us - 1):
+                    read[partition] = at_us
             elif isinstance(outcome, Rejection):
                 rejected += 1
                 emitted.append(Refused(outcome, item.msg))
         if applied or duplicate or rejected:
-            emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us))
+            emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us,
+                                  tuple(read.items())))
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
             return emitted, StatefulBatchLogic.DISCARD
         # A score naming a model that no longer serves is redone: on a rescore wake, or on
@@ -248,9 +258,11 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         return pickled
 
 
-class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, Any, bytes]):
-    """Learns churn models from matured labels and the population from customers' rows;
-    publishes the model bundle and report every ``publish_seconds`` (wall clock), and a
+class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, Any, bytes]):
+    """Learns churn models from matured labels and the population from customers' rows,
+    on the stream clock that the customers' counts give (flows/watermark.py, as the
+    clock step's); publishes the model bundle and report every ``publish_seconds`` (wall
+    clock), and a
     :class:`~flows.timers.Rescore` with a bundle that serves another model than the last
     one published. With ``frozen`` model updates the bundle is published as the
     candidate, not served, and nobody is rescored."""
@@ -260,8 +272,12 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, Any, bytes]
                  challengers: str) -> None:
         if resume is None:
             self.population = Population(config, refit_days=refit_days, challengers=challengers)
+            self.watermark = Watermark()
         else:
-            self.population = pickle.loads(resume)
+            state = pickle.loads(resume)
+            # Snapshots from before the watermark: the population alone.
+            self.population, self.watermark = (
+                state if isinstance(state, tuple) else (state, Watermark(clock_us=state.clock_us)))
             self.population.use_challengers(challengers)
         self.layout = layout
         self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
@@ -270,25 +286,35 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, Any, bytes]
         # published before the restart: customers scored with it then).
         self.served = self.population.bundle_version_name()
 
-    def on_batch(self, values: list[LabeledExample | PopulationRow]) -> tuple[list[Any], bool]:
+    def on_batch(self, values: list[LabeledExample | PopulationRow | Counts]
+                 ) -> tuple[list[Any], bool]:
         population = self.population
         for item in values:
             if isinstance(item, PopulationRow):
                 population.observe(item)
+            elif isinstance(item, Counts):
+                self.watermark.update(item.newest_by_partition())
             else:
                 population.learn(item)
+        population.advance(self.watermark.advance())
         population.maybe_refit()
         return self._publish(), StatefulBatchLogic.RETAIN
 
     def on_notify(self) -> tuple[list[Any], bool]:
-        self.population.maybe_refit()  # a fit may have finished since the last input
+        # A quiet partition may let the clock move on; a fit may have finished.
+        self.population.advance(self.watermark.advance())
+        self.population.maybe_refit()
         return self._publish(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        at = self.throttle.retry_at()
-        if at is None and self.population.fitting:  # collect the fit without new input
-            at = datetime.now(UTC) + FIT_POLL
-        return at
+        candidates = [self.throttle.retry_at()]
+        if self.population.fitting:  # collect the fit without new input
+            candidates.append(datetime.now(UTC) + FIT_POLL)
+        idle_at = self.watermark.idle_at()
+        if idle_at is not None:
+            candidates.append(datetime.now(UTC)
+                              + timedelta(seconds=max(idle_at - time.monotonic(), 0.0)))
+        return min((at for at in candidates if at is not None), default=None)
 
     def _publish(self) -> list[VersionedDoc | Rescore]:
         population = self.population
@@ -308,7 +334,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow, Any, bytes]
         return out
 
     def snapshot(self) -> bytes:
-        return pickle.dumps(self.population, protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((self.population, self.watermark), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _instance_of(kind: type) -> Callable[[Any], bool]:
@@ -372,7 +398,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     results = op.key_rm("drop_customer_key", results)
     scores, refused_late, counts, registrations, alerts, outcomes, learning = split(
         "customer_out", results, VersionedDoc, Refused, Counts, Registration, Alert, Outcome)
-    # learning: LabeledExample | PopulationRow
+    # learning: LabeledExample | PopulationRow; counts: Counts (the models step's clock)
 
     live = op.filter("live_alerts", alerts, is_published)
     kafka_output("alerts_out", op.map("alert_message", live, alert_message),
@@ -399,7 +425,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     counts = op.flat_map_batch("sum_counts", counts, lambda batch: [sum_counts(batch)])
 
     models = op.stateful_batch(
-        "models", op.key_on("models_key", learning, lambda _: "models"),
+        "models", op.key_on("models_key", op.merge("models_in", learning, counts),
+                            lambda _: "models"),
         lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
                                    settings.btyd_refit_days, bundles.frozen,
                                    settings.churn_models),

@@ -12,7 +12,10 @@
 
 and refits BG/NBD + Gamma-Gamma on the sample every ``refit_days`` of event time, in a
 background thread (a fit takes ~0.1-1 s; the flow does not wait for it). A failed or
-non-converged fit keeps the previous parameters and is reported.
+non-converged fit keeps the previous parameters and is reported. Its clock is the
+stream's watermark (:meth:`Population.advance`, flows/watermark.py), not the newest row:
+every row up to it has arrived. A customer's age in a fit runs to the clock, or to
+their own row's instant when that is later (their partition was read ahead).
 
 :meth:`Population.bundle` packs what per-customer scoring needs into a
 :class:`~models.scoring.ModelBundle`; :meth:`Population.report` is the JSON model report
@@ -61,7 +64,8 @@ class Population:
                                champion="bgnbd")
         self.arena = arena
         self.quantiles = PopulationQuantiles(k)
-        self.btyd_rows: dict[int, tuple[int, int, int, float]] = {}  # hash -> first, last, n, net
+        # hash -> first and last purchase, purchases, net spend, the row's instant
+        self.btyd_rows: dict[int, tuple[int, int, int, float, int]] = {}
         self.btyd: PopulationModel | None = None
         self.fit_log: list[dict[str, Any]] = []
         self.refit_us = round(refit_days * DAY_US)
@@ -97,13 +101,17 @@ class Population:
         self.version += 1
 
     def observe(self, row: PopulationRow) -> None:
-        if self.clock_us is None or row.as_of_us > self.clock_us:
-            self.clock_us = row.as_of_us
         self.quantiles.update(row.key_hash, row.last_purchase_us, row.purchase_count,
                               row.net_spend, row.expected_value)
         self.btyd_rows[row.key_hash] = (row.first_purchase_us, row.last_purchase_us,
-                                        row.purchase_count, row.net_spend)
+                                        row.purchase_count, row.net_spend, row.as_of_us)
         self.version += 1
+
+    def advance(self, clock_us: int | None) -> None:
+        """The stream clock moved to ``clock_us`` (the watermark: never backwards)."""
+        if clock_us is not None and (self.clock_us is None or clock_us > self.clock_us):
+            self.clock_us = clock_us
+            self.version += 1
 
     # -- BTYD refits ----------------------------------------------------------------------
 
@@ -144,12 +152,14 @@ class Population:
         # Keep only the customers still in the sample: the rows stay bounded by k.
         self.btyd_rows = {h: self.btyd_rows[h] for h in self.quantiles.sample_keys()
                           if h in self.btyd_rows}
-        sampled = list(self.btyd_rows.values())
-        if sum(1 for _, _, n, _ in sampled if n > 1) < MIN_REPEAT_BUYERS:
+        # Rows of snapshots taken before rows had their instant: at the clock.
+        sampled = [(*row[:4], row[4] if len(row) > 4 else clock) for row in self.btyd_rows.values()]
+        if sum(1 for _, _, n, _, _ in sampled if n > 1) < MIN_REPEAT_BUYERS:
             return None
-        first, last, n, net = (np.array(col, dtype=float) for col in zip(*sampled, strict=True))
+        first, last, n, net, seen = (np.array(col, dtype=float)
+                                     for col in zip(*sampled, strict=True))
         t_x = (last - first) / DAY_US
-        T = np.maximum((clock - first) / DAY_US, t_x)
+        T = np.maximum((np.maximum(seen, clock) - first) / DAY_US, t_x)
         return n - 1, t_x, T, np.maximum(net / n, 0.0)
 
     def _collect(self, fit: Future[PopulationModel]) -> bool:
@@ -179,8 +189,8 @@ class Population:
 
     def typical_gap_days(self) -> float | None:
         """Median of the sampled repeat buyers' mean gaps: the lifecycle rules' ``g0``."""
-        gaps = [(last - first) / (n - 1) / DAY_US
-                for first, last, n, _ in self.btyd_rows.values() if n > 1 and last > first]
+        gaps = [(row[1] - row[0]) / (row[2] - 1) / DAY_US
+                for row in self.btyd_rows.values() if row[2] > 1 and row[1] > row[0]]
         return statistics.median(gaps) if len(gaps) >= MIN_REPEAT_BUYERS else None
 
     def bundle(self) -> ModelBundle:

@@ -1,0 +1,113 @@
+"""The stream clock as the watermark of the partitions (flows/watermark.py), in the clock
+and models steps."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+from crmscore.layout import RedisLayout
+from flows.clock import ClockLogic, Counts, sum_counts
+from flows.timers import BUCKET_US, Registration, Tick, Wake
+from flows.watermark import Watermark
+from models.population import Population
+from models.scoring import PopulationRow
+from models.transaction import DAY_US
+
+
+def test_the_clock_waits_for_the_slowest_partition_until_it_goes_quiet():
+    mark = Watermark(idle_seconds=2.0)
+    mark.update({0: 500, 1: 100, 2: 300}, now=0.0)
+    assert mark.advance(now=0.1) == 100
+    mark.update({1: 250}, now=1.0)
+    assert mark.advance(now=1.1) == 250
+    assert mark.idle_at(now=1.1) == 2.0  # partitions 0 and 2 turn quiet first
+    assert mark.advance(now=2.5) == 250  # ... but partition 1, the slowest, still speaks
+    assert mark.advance(now=3.5) == 500  # every partition quiet: all read was applied
+    assert mark.idle_at(now=3.5) is None  # at the newest event time: nothing to wait for
+
+
+def test_the_clock_never_moves_back_and_older_events_do_not_lower_a_partition():
+    mark = Watermark(idle_seconds=2.0)
+    mark.update({0: 100}, now=0.0)
+    assert mark.advance(now=0.0) == 100
+    mark.update({0: 40, 1: 10}, now=0.5)  # a repeat of an old event; a new partition
+    assert mark.newest == {0: 100, 1: 10}
+    assert mark.advance(now=0.6) == 100
+
+
+def test_a_restored_watermark_keeps_its_clock_and_partitions_and_waits_for_them_again():
+    mark = Watermark(idle_seconds=60.0)
+    mark.update({0: 500, 1: 100})
+    mark.advance()
+    restored = pickle.loads(pickle.dumps(mark))
+    assert (restored.clock_us, restored.newest) == (100, {0: 500, 1: 100})
+    # A restored partition counts as just heard: partition 1 holds the clock back again.
+    restored.update({0: 900})
+    assert restored.advance() == 100
+
+
+def test_counts_of_a_batch_keep_the_newest_event_time_of_each_partition():
+    total = sum_counts([Counts(1, 0, 0, 50, ((0, 50), (1, 20))),
+                        Counts(0, 1, 0, None, ((1, 30),)),
+                        Counts(0, 0, 1)])
+    assert (total.applied, total.duplicate, total.rejected, total.clock_us) == (1, 1, 1, 50)
+    assert total.newest_by_partition() == {0: 50, 1: 30}
+    assert Counts(clock_us=7).newest_by_partition() == {-1: 7}  # a source without partitions
+
+
+def test_the_clock_step_fires_a_wake_up_only_once_every_partition_has_passed_it():
+    clock = ClockLogic(None, RedisLayout("t:"))
+    due = 10 * BUCKET_US + 5
+    out, _ = clock.on_batch([Registration("a", due),
+                             Counts(1, 0, 0, 30 * BUCKET_US, ((0, 30 * BUCKET_US),)),
+                             Counts(1, 0, 0, 2 * BUCKET_US, ((1, 2 * BUCKET_US),))])
+    assert Wake("a", due) not in out
+    assert not any(isinstance(o, tuple) and isinstance(o[1], Tick) for o in out)
+    # Partition 1 catches up past the due instant: the hour holding it is ticked.
+    out, _ = clock.on_batch([Counts(1, 0, 0, 11 * BUCKET_US, ((1, 11 * BUCKET_US),))])
+    assert ("10", Tick(11 * BUCKET_US)) in out
+
+
+def test_a_quiet_partition_lets_the_clock_step_move_on_without_new_input():
+    clock = ClockLogic(None, RedisLayout("t:"))
+    clock.watermark = Watermark(idle_seconds=0.05)
+    clock.on_batch([Registration("a", 10 * BUCKET_US + 5),
+                    Counts(1, 0, 0, 30 * BUCKET_US, ((0, 30 * BUCKET_US), (1, 2 * BUCKET_US)))])
+    assert clock.notify_at() is not None  # the step asks to be woken when they go quiet
+    time.sleep(0.1)
+    out, _ = clock.on_notify()
+    assert ("10", Tick(30 * BUCKET_US)) in out
+    assert clock.watermark.clock_us == 30 * BUCKET_US
+
+
+def test_an_older_clock_snapshot_resumes_with_its_clock():
+    older = pickle.dumps((Counts(applied=3, clock_us=100 * BUCKET_US), {100: 1}))
+    clock = ClockLogic(older, RedisLayout("t:"))
+    assert clock.watermark.clock_us == 100 * BUCKET_US
+    out, _ = clock.on_batch([Counts(applied=1, clock_us=101 * BUCKET_US)])
+    assert ("100", Tick(101 * BUCKET_US)) in out
+
+
+def test_population_fits_on_the_watermark_not_on_the_newest_row():
+    population = Population()
+    row = PopulationRow(key_hash=1, first_purchase_us=0, last_purchase_us=50 * DAY_US,
+                        purchase_count=3, net_spend=30.0, expected_value=None,
+                        as_of_us=200 * DAY_US)
+    population.observe(row)
+    assert population.clock_us is None  # a row read ahead does not move the clock
+    population.advance(100 * DAY_US)
+    population.advance(90 * DAY_US)  # never backwards
+    assert population.clock_us == 100 * DAY_US
+
+
+def test_a_customers_age_in_a_fit_runs_to_the_clock_or_to_their_own_later_row():
+    population = Population()
+    for h in range(60):  # enough repeat buyers for a fit; half read ahead of the clock
+        population.observe(PopulationRow(
+            key_hash=h, first_purchase_us=0, last_purchase_us=10 * DAY_US, purchase_count=2,
+            net_spend=20.0, expected_value=None, as_of_us=(150 if h % 2 else 40) * DAY_US))
+    population.advance(100 * DAY_US)
+    _, t_x, T, _ = population._fit_inputs(100 * DAY_US)
+    assert set(t_x) == {10.0}
+    assert sorted(set(T)) == [100.0, 150.0]
