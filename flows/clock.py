@@ -152,8 +152,10 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
             "updated_at": format_time(time.time_ns() // 1000),
         }
         self.status_due = datetime.now(UTC) + STATUS_HEARTBEAT
-        # consumed only grows, so it orders status documents.
-        return VersionedDoc(self.layout.status(), consumed, orjson.dumps(doc))
+        # Both only grow, so their sum orders status documents (the clock may move on
+        # without new events: a quiet partition stops holding it back).
+        version = consumed + self.watermark.moves
+        return VersionedDoc(self.layout.status(), version, orjson.dumps(doc))
 
     def snapshot(self) -> bytes:
         return pickle.dumps((self.totals, self.buckets.held(), self.watermark))

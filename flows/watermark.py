@@ -42,20 +42,21 @@ class Watermark:
     """Newest event time applied per partition, and the clock they allow. Picklable
     (what was heard when is wall-clock: a restored partition counts as just heard)."""
 
-    __slots__ = ("idle_seconds", "newest", "heard", "clock_us")
+    __slots__ = ("idle_seconds", "newest", "heard", "clock_us", "moves")
 
     def __init__(self, idle_seconds: float = IDLE_SECONDS, clock_us: int | None = None,
-                 newest: Mapping[int, int] | None = None) -> None:
+                 newest: Mapping[int, int] | None = None, moves: int = 0) -> None:
         self.idle_seconds = idle_seconds
         self.newest: dict[int, int] = dict(newest or {})
         self.heard: dict[int, float] = dict.fromkeys(self.newest, time.monotonic())
         self.clock_us = clock_us
+        self.moves = moves  # how often the clock moved: only grows (it orders documents)
 
-    def __getstate__(self) -> tuple[float, int | None, dict[int, int]]:
-        return self.idle_seconds, self.clock_us, self.newest
+    def __getstate__(self) -> tuple[float, int | None, dict[int, int], int]:
+        return self.idle_seconds, self.clock_us, self.newest, self.moves
 
-    def __setstate__(self, state: tuple[float, int | None, dict[int, int]]) -> None:
-        self.__init__(state[0], state[1], state[2])  # type: ignore[misc]
+    def __setstate__(self, state: tuple[float, int | None, dict[int, int], int]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
 
     def update(self, newest: Mapping[int, int], now: float | None = None) -> None:
         """Partitions that delivered, with the newest event time applied from each."""
@@ -73,6 +74,7 @@ class Watermark:
         mark = min(active) if active else max(self.newest.values(), default=None)
         if mark is not None and (self.clock_us is None or mark > self.clock_us):
             self.clock_us = mark
+            self.moves += 1
         return self.clock_us
 
     def idle_at(self, now: float | None = None) -> float | None:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import pickle
 import time
 
+import orjson
+
 from crmscore.layout import RedisLayout
 from flows.clock import ClockLogic, Counts, sum_counts
+from flows.redis_sink import VersionedDoc
 from flows.timers import BUCKET_US, Registration, Tick, Wake
 from flows.watermark import Watermark
 from models.population import Population
 from models.scoring import PopulationRow
-from models.transaction import DAY_US
+from models.transaction import DAY_US, format_time
 
 
 def test_the_clock_waits_for_the_slowest_partition_until_it_goes_quiet():
@@ -72,13 +75,19 @@ def test_the_clock_step_fires_a_wake_up_only_once_every_partition_has_passed_it(
 def test_a_quiet_partition_lets_the_clock_step_move_on_without_new_input():
     clock = ClockLogic(None, RedisLayout("t:"))
     clock.watermark = Watermark(idle_seconds=0.05)
-    clock.on_batch([Registration("a", 10 * BUCKET_US + 5),
-                    Counts(1, 0, 0, 30 * BUCKET_US, ((0, 30 * BUCKET_US), (1, 2 * BUCKET_US)))])
+    out, _ = clock.on_batch([Registration("a", 10 * BUCKET_US + 5), Counts(
+        1, 0, 0, 30 * BUCKET_US, ((0, 30 * BUCKET_US), (1, 2 * BUCKET_US)))])
+    (status,) = [o for o in out if isinstance(o, VersionedDoc)]
+    assert orjson.loads(status.doc)["stream_clock"] == format_time(2 * BUCKET_US)
     assert clock.notify_at() is not None  # the step asks to be woken when they go quiet
     time.sleep(0.1)
     out, _ = clock.on_notify()
     assert ("10", Tick(30 * BUCKET_US)) in out
     assert clock.watermark.clock_us == 30 * BUCKET_US
+    # The status says so, in a newer version than the last one although no event came.
+    (moved,) = [o for o in out if isinstance(o, VersionedDoc)]
+    assert orjson.loads(moved.doc)["stream_clock"] == format_time(30 * BUCKET_US)
+    assert moved.version > status.version
 
 
 def test_an_older_clock_snapshot_resumes_with_its_clock():
