@@ -114,6 +114,11 @@ def offline_fits(ids: list[str], purchases: dict[str, list[tuple[datetime, float
         } for name, (fitter, no_buy) in fits.items()}
 
 
+def log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
 def main() -> int:
     purchases = cdnow_purchases()
     calibration = sorted(
@@ -162,13 +167,18 @@ def main() -> int:
                 f"{k} {st['metrics'][k]:.3f}" for k in ("auc", "recent_auc", "log_loss",
                                                         "recent_log_loss")
                 if isinstance(st["metrics"].get(k), float)))
-    print(f"\n{'churn: P(no purchase in 90 days)':38s} {'ROC AUC':>8s}")
+    # Log loss and Brier score judge the probabilities themselves (recency is no
+    # probability: ranked only).
+    print(f"\n{'churn: P(no purchase in 90 days)':38s} {'ROC AUC':>8s} {'log loss':>9s} "
+          f"{'Brier':>7s}")
     for name, score in (("churn_risk (pipeline, served)", risk),
                         ("days since last purchase", recency),
                         *((f"{n} offline", f["no_buy"]) for n, f in fits.items()),
                         *((f"{n} offline, at each served as_of", f["lagged_no_buy"])
                           for n, f in fits.items())):
-        print(f"{name:38s} {auc(score, no_buy):8.3f}")
+        quality = "" if score is recency else (
+            f" {log_loss(score, no_buy):9.4f} {np.mean((score - no_buy) ** 2):7.4f}")
+        print(f"{name:38s} {auc(score, no_buy):8.3f}{quality}")
     print(f"\n{'purchases in the holdout':38s} {'MAE':>7s} {'RMSE':>7s} {'corr':>6s} "
           f"{'total':>8s}  (actual {actual.sum():,})")
     for name, pred in (("expected_purchases (pipeline, served)", expected),

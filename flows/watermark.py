@@ -14,7 +14,10 @@ So the clock is the minimum over partitions of the newest event time applied fro
 A partition that has delivered nothing for ``idle_seconds`` (wall clock: it is caught
 up, or its producers are quiet) no longer holds the clock back; when every partition is
 idle, all that was read has been applied and the clock is the newest event time seen.
-The clock never moves back.
+The clock never moves back. Quiet is wall-clock, so a flow that stalls for longer than
+``idle_seconds`` with events still unread (Redis down, a long pause) takes every
+partition for caught up and lets the clock run to the newest event time seen: the
+newest-anywhere clock of before, for that moment.
 
 >>> mark = Watermark(idle_seconds=2.0)
 >>> mark.update({0: 100, 1: 40}, now=0.0)
