@@ -150,6 +150,8 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
             "events_duplicate": duplicate,
             "stream_clock": None if clock is None else format_time(clock),
             "updated_at": format_time(time.time_ns() // 1000),
+            "partition_clocks": {str(p): format_time(t)
+                                 for p, t in sorted(self.watermark.newest.items())},
         }
         self.status_due = datetime.now(UTC) + STATUS_HEARTBEAT
         # Both only grow, so their sum orders status documents (the clock may move on

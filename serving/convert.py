@@ -127,6 +127,8 @@ def status_message(raw: bytes) -> PipelineStatus:
             events_duplicate=int(d.get("events_duplicate") or 0),
             stream_clock=timestamp(d.get("stream_clock")),
             updated_at=timestamp(d.get("updated_at")),
+            partition_clocks={int(p): ts for p, t in (d.get("partition_clocks") or {}).items()
+                              if (ts := timestamp(t)) is not None},
         )
     except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
         raise DataError(f"unreadable pipeline status document in Redis: {exc!r}") from exc

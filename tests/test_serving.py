@@ -248,12 +248,16 @@ def test_pipeline_status_for_admins(api, conn, admin) -> None:
     assert code == grpc.StatusCode.NOT_FOUND and "has the flow run" in details
     status = {"events_consumed": 20, "events_applied": 15, "events_rejected": 3,
               "events_duplicate": 2, "stream_clock": "2026-01-02T03:04:05.000000Z",
-              "updated_at": "2026-01-03T00:00:00.000000Z"}
+              "updated_at": "2026-01-03T00:00:00.000000Z",
+              "partition_clocks": {"0": "2026-01-02T03:04:05.000000Z",
+                                   "3": "2026-02-01T00:00:00.000000Z"}}
     conn.hset(api.layout.status(), mapping={"v": 1, "doc": orjson.dumps(status)})
     s = admin.pipeline_status()
     assert (s.events_consumed, s.events_applied, s.events_rejected, s.events_duplicate) == (
         20, 15, 3, 2)
     assert s.stream_clock.seconds == 1767323045 and s.updated_at.seconds == 1767398400
+    assert {p: t.seconds for p, t in s.partition_clocks.items()} == {
+        0: 1767323045, 3: 1769904000}
     conn.hset(api.layout.status(), mapping={
         "v": 2, "doc": orjson.dumps({**status, "stream_clock": None})})
     assert not admin.pipeline_status().HasField("stream_clock")

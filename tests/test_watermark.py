@@ -88,6 +88,8 @@ def test_a_quiet_partition_lets_the_clock_step_move_on_without_new_input():
     (moved,) = [o for o in out if isinstance(o, VersionedDoc)]
     assert orjson.loads(moved.doc)["stream_clock"] == format_time(30 * BUCKET_US)
     assert moved.version > status.version
+    assert orjson.loads(moved.doc)["partition_clocks"] == {  # which partition held it
+        "0": format_time(30 * BUCKET_US), "1": format_time(2 * BUCKET_US)}
 
 
 def test_an_older_clock_snapshot_resumes_with_its_clock():

@@ -148,20 +148,29 @@ class GetPipelineStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class PipelineStatus(_message.Message):
-    __slots__ = ("events_consumed", "events_applied", "events_rejected", "events_duplicate", "stream_clock", "updated_at")
+    __slots__ = ("events_consumed", "events_applied", "events_rejected", "events_duplicate", "stream_clock", "updated_at", "partition_clocks")
+    class PartitionClocksEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _timestamp_pb2.Timestamp
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
     EVENTS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_REJECTED_FIELD_NUMBER: _ClassVar[int]
     EVENTS_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     STREAM_CLOCK_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_CLOCKS_FIELD_NUMBER: _ClassVar[int]
     events_consumed: int
     events_applied: int
     events_rejected: int
     events_duplicate: int
     stream_clock: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, events_consumed: _Optional[int] = ..., events_applied: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., stream_clock: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    partition_clocks: _containers.MessageMap[int, _timestamp_pb2.Timestamp]
+    def __init__(self, events_consumed: _Optional[int] = ..., events_applied: _Optional[int] = ..., events_rejected: _Optional[int] = ..., events_duplicate: _Optional[int] = ..., stream_clock: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., partition_clocks: _Optional[_Mapping[int, _timestamp_pb2.Timestamp]] = ...) -> None: ...
 
 class GetModelReportRequest(_message.Message):
     __slots__ = ()
