@@ -260,11 +260,10 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
 
 class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, Any, bytes]):
     """Learns churn models from matured labels and the population from customers' rows,
-    on the stream clock that the customers' counts give (flows/watermark.py, as the
-    clock step's); publishes the model bundle and report every ``publish_seconds`` (wall
-    clock), and a
-    :class:`~flows.timers.Rescore` with a bundle that serves another model than the last
-    one published. With ``frozen`` model updates the bundle is published as the
+    on the stream clock that the customers' counts give (flows/watermark.py, as in the
+    clock step); publishes the model bundle and report every ``publish_seconds`` (wall
+    clock), and a :class:`~flows.timers.Rescore` with a bundle that serves another model
+    than the last one published. With ``frozen`` model updates the bundle is published as the
     candidate, not served, and nobody is rescored."""
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,

@@ -6,9 +6,9 @@ With the clock at the newest event time applied anywhere, that skew fired a cust
 wake-ups (a churn label maturing as "no purchase", a lifecycle change, a refresh) while
 the customer's purchase still waited in the slower partition, and the BTYD refits took
 the clock as everyone's age while 9% of the sampled customers' rows lacked their newest
-purchases. On CDNOW through four partitions that cost ~0.01 of served churn AUC and
-swung the total of ``expected_purchases`` between 13,300 and 19,200 from run to run
-(one partition: 0.762, and 19,779 for 19,674 actual purchases).
+purchases. On CDNOW through four partitions, served churn AUC ranged 0.752-0.761 and
+the total of ``expected_purchases`` 13,300-19,200 from run to run; with this clock,
+0.761-0.762 and 19,658-19,666 in most runs (19,674 actual purchases).
 
 So the clock is the minimum over partitions of the newest event time applied from each.
 A partition that has delivered nothing for ``idle_seconds`` (wall clock: it is caught
