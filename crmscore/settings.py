@@ -130,6 +130,10 @@ class Settings:
         "logreg", "churn model families learned beside BG/NBD, champion/challenger "
         "(comma-separated: logreg, tree); a resumed flow switches to this lineup"
     )
+    partition_idle_seconds: float = _setting(
+        2.0, "the stream clock waits for the slowest transactions partition, unless it has "
+        "delivered nothing for this many seconds (caught up, or no producer)", above=0
+    )
     btyd_refit_days: float = _setting(
         7.0, "days of event time between BG/NBD + Gamma-Gamma refits (in the background)", above=0
     )

@@ -21,7 +21,7 @@ from bytewax.operators import StatefulBatchLogic
 from crmscore.layout import RedisLayout
 from flows.redis_sink import VersionedDoc
 from flows.timers import BUCKET_US, OpenBuckets, Registration, Rescore, RescoreAll, Wake
-from flows.watermark import Watermark
+from flows.watermark import IDLE_SECONDS, Watermark
 from models.transaction import format_time
 
 # How often an idle flow writes its status anyway: the write that notices, within this
@@ -71,9 +71,10 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
     change of the served model to every open bucket (flows/timers.py, Promotions)."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout,
-                 rescore_rate: float = 0.0) -> None:
+                 rescore_rate: float = 0.0, idle_seconds: float = IDLE_SECONDS) -> None:
         self.totals, held, self.watermark = ((Counts(), {}, Watermark()) if resume is None
                                              else _clock_state(resume))
+        self.watermark.idle_seconds = idle_seconds  # the setting wins over the snapshot's
         self.buckets = OpenBuckets(held)
         self.layout = layout
         # When to write the status again without new counts: at once when resumed (Redis

@@ -59,7 +59,7 @@ from flows.timers import (
     decode_wake,
     encode_wake,
 )
-from flows.watermark import Watermark
+from flows.watermark import IDLE_SECONDS, Watermark
 from models.alert_rules import AlertRules, load_rules
 from models.alerts import Alert
 from models.churn import LabeledExample, make_models
@@ -268,7 +268,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
                  publish_seconds: float, refit_days: float, frozen: bool,
-                 challengers: str) -> None:
+                 challengers: str, idle_seconds: float = IDLE_SECONDS) -> None:
         if resume is None:
             self.population = Population(config, refit_days=refit_days, challengers=challengers)
             self.watermark = Watermark()
@@ -278,6 +278,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
             self.population, self.watermark = (
                 state if isinstance(state, tuple) else (state, Watermark(clock_us=state.clock_us)))
             self.population.use_challengers(challengers)
+        self.watermark.idle_seconds = idle_seconds
         self.layout = layout
         self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
         self.frozen = frozen
@@ -428,7 +429,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
                             lambda _: "models"),
         lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
                                    settings.btyd_refit_days, bundles.frozen,
-                                   settings.churn_models),
+                                   settings.churn_models, settings.partition_idle_seconds),
     )
     model_docs, rescores = split("models_out", op.key_rm("drop_models_key", models),
                                  VersionedDoc)
@@ -436,7 +437,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     clock_in = op.merge("clock_in", counts, registrations, rescores)
     clock_out = op.stateful_batch(
         "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
-        lambda resume: ClockLogic(resume, layout, settings.rescore_rate),
+        lambda resume: ClockLogic(resume, layout, settings.rescore_rate,
+                                  settings.partition_idle_seconds),
     )
     status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
                                         VersionedDoc, Wake)
