@@ -60,8 +60,7 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
         if c.clock_us is not None and (clock is None or c.clock_us > clock):
             clock = c.clock_us
         for partition, at_us in c.partitions:
-            if at_us > newest.get(partition, at_us - 1):
-                newest[partition] = at_us
+            newest[partition] = max(at_us, newest.get(partition, at_us))
     return Counts(applied, duplicate, rejected, clock, tuple(newest.items()))
 
 
@@ -122,11 +121,8 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         return out
 
     def notify_at(self) -> datetime | None:
-        idle_at = self.watermark.idle_at()
-        if idle_at is None:
-            return self.status_due
-        at = datetime.now(UTC) + timedelta(seconds=max(idle_at - time.monotonic(), 0.0))
-        return at if self.status_due is None else min(at, self.status_due)
+        due = [at for at in (self.watermark.quiet_at(), self.status_due) if at is not None]
+        return min(due, default=None)
 
     def on_notify(self) -> tuple[list[Any], bool]:
         """A quiet partition may let the clock move on; the status heartbeat."""

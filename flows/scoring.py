@@ -195,8 +195,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                 at_us, partition = item.tx.occurred_at_us, item.msg.partition
                 if partition is None:  # a message not from Kafka (tests)
                     partition = UNPARTITIONED
-                if at_us > read.get(partition, at_us - 1):
-                    read[partition] = at_us
+                read[partition] = max(at_us, read.get(partition, at_us))
             elif isinstance(outcome, Rejection):
                 rejected += 1
                 emitted.append(Refused(outcome, item.msg))
@@ -310,10 +309,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
         candidates = [self.throttle.retry_at()]
         if self.population.fitting:  # collect the fit without new input
             candidates.append(datetime.now(UTC) + FIT_POLL)
-        idle_at = self.watermark.idle_at()
-        if idle_at is not None:
-            candidates.append(datetime.now(UTC)
-                              + timedelta(seconds=max(idle_at - time.monotonic(), 0.0)))
+        candidates.append(self.watermark.quiet_at())  # a quiet partition may move the clock
         return min((at for at in candidates if at is not None), default=None)
 
     def _publish(self) -> list[VersionedDoc | Rescore]:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
 IDLE_SECONDS = 2.0  # a partition read continuously delivers far more often than this
 
@@ -66,8 +67,7 @@ class Watermark:
         now = time.monotonic() if now is None else now
         for partition, at_us in newest.items():
             self.heard[partition] = now
-            if at_us > self.newest.get(partition, at_us - 1):
-                self.newest[partition] = at_us
+            self.newest[partition] = max(at_us, self.newest.get(partition, at_us))
 
     def advance(self, now: float | None = None) -> int | None:
         """Move the clock to the watermark; returns the clock (None before any event)."""
@@ -90,3 +90,10 @@ class Watermark:
         ends = [heard + self.idle_seconds for heard in self.heard.values()
                 if heard + self.idle_seconds > now]
         return min(ends, default=None)
+
+    def quiet_at(self) -> datetime | None:
+        """:meth:`idle_at` as a wall-clock instant, for a step's ``notify_at``."""
+        idle_at = self.idle_at()
+        if idle_at is None:
+            return None
+        return datetime.now(UTC) + timedelta(seconds=max(idle_at - time.monotonic(), 0.0))
