@@ -158,6 +158,11 @@ def main() -> int:
     versions = Counter(docs[c]["model_version"] for c in ids)
     print("served documents by the model that scored them: " + ", ".join(
         f"{v} {n:,}" for v, n in versions.most_common()))
+    refits = report.get("btyd_fits", [])
+    rival = [f for f in refits if f.get("paretonbd")]
+    print(f"BTYD refits (the last {len(refits)} kept): {sum(bool(f.get('ok')) for f in refits)} "
+          f"taken, {len(rival)} with Pareto/NBD" + (f", the last {rival[-1]['paretonbd']}"
+                                                    if rival else ""))
     for p in report.get("churn", {}).get("promotions", []):
         print(f"  promotion {p['from']} -> {p['to']} ({p['version']}) on "
               f"{datetime.fromtimestamp(p['at_us'] / 1e6, UTC):%Y-%m-%d} after "

@@ -10,6 +10,10 @@ calibration data:
 - BG/NBD fitted offline with the ``lifetimes`` package: 1 - P(alive), and its
   P(no purchase within the horizon) (the same quantity churn_risk predicts).
 
+Pareto/NBD fitted offline (lifetimes) is printed too: the generator's latent process is
+exactly Pareto/NBD's (at ``--rhythm 1``), so its score at the cut is near the best any
+scorer can do from purchase histories alone.
+
 Two outcomes: *stopped* (the latent stop time is before the cut: the generator's
 truth) and *no purchase within the next 90 days* (observed after the cut, in the
 generated file). Prints ROC AUC for each, and churn_risk's calibration table.
@@ -135,12 +139,11 @@ def score_versions(conn: redis.Redis, layout: RedisLayout) -> int:
     return sum(int(v) for v in pipe.execute() if v is not None)
 
 
-def bgnbd_baseline(docs: dict[str, dict], cut: float
-                   ) -> dict[str, tuple[float, float, float]]:
-    """1 - P(alive) and P(no purchase in the horizon) from lifetimes' BG/NBD at the cut,
-    and the same P(no purchase) at the customer's served ``as_of`` (what the served
-    scores' lag alone costs)."""
-    from lifetimes import BetaGeoFitter
+def offline_baselines(docs: dict[str, dict], cut: float) -> dict[str, np.ndarray]:
+    """lifetimes' BG/NBD and Pareto/NBD fitted on the calibration summaries: BG/NBD's
+    1 - P(alive), and each one's P(no purchase in the horizon) at the cut and at the
+    customer's served ``as_of`` (what the served scores' lag alone costs)."""
+    from lifetimes import BetaGeoFitter, ParetoNBDFitter
 
     ids = list(docs)
     first = np.array([epoch(docs[c]["first_purchase_at"]) for c in ids])
@@ -148,19 +151,27 @@ def bgnbd_baseline(docs: dict[str, dict], cut: float
     x = np.array([docs[c]["purchase_count"] - 1 for c in ids], dtype=float)
     served = np.array([epoch(docs[c]["as_of"]) for c in ids])
     t_x, T = (last - first) / DAY_S, (cut - first) / DAY_S
+    T_served = np.maximum((served - first) / DAY_S, t_x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bg = BetaGeoFitter(penalizer_coef=0.001).fit(x, t_x, T)
+        np.random.seed(0)  # lifetimes draws the Pareto/NBD fit's starting point
+        pnbd = ParetoNBDFitter(penalizer_coef=0.0).fit(x, t_x, T)
 
-        def no_buy(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        def bg_no_buy(T: np.ndarray) -> np.ndarray:
             alive = np.asarray(bg.conditional_probability_alive(x, t_x, T), dtype=float)
             r, alpha = bg.params_["r"], bg.params_["alpha"]
-            silent = ((alpha + T) / (alpha + T + HORIZON_DAYS)) ** (r + x)
-            return alive, (1 - alive) + alive * silent
+            return (1 - alive) + alive * ((alpha + T) / (alpha + T + HORIZON_DAYS)) ** (r + x)
 
-        alive, at_cut = no_buy(T)
-        _, lagged = no_buy(np.maximum((served - first) / DAY_S, t_x))
-    return {c: (1 - a, n, g) for c, a, n, g in zip(ids, alive, at_cut, lagged, strict=True)}
+        def pnbd_no_buy(T: np.ndarray) -> np.ndarray:
+            return np.array([pnbd.conditional_probability_of_n_purchases_up_to_time(
+                0, HORIZON_DAYS, *row) for row in zip(x, t_x, T, strict=True)])
+
+        return {
+            "bg_dead": 1 - np.asarray(bg.conditional_probability_alive(x, t_x, T), dtype=float),
+            "bg_no_buy": bg_no_buy(T), "bg_lagged": bg_no_buy(T_served),
+            "pnbd_no_buy": pnbd_no_buy(T), "pnbd_lagged": pnbd_no_buy(T_served),
+        }
 
 
 def calibration_table(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[str]:
@@ -207,13 +218,13 @@ def main() -> int:
     no_buy = np.array([int(c not in bought_after) for c in ids])
     risk = np.array([docs[c]["churn_risk"] for c in ids])
     recency = np.array([clock - epoch(docs[c]["last_purchase_at"]) for c in ids])
-    bg = bgnbd_baseline(docs, clock)
-    bg_dead = np.array([bg[c][0] for c in ids])
-    bg_no_buy = np.array([bg[c][1] for c in ids])
-    bg_lagged = np.array([bg[c][2] for c in ids])
+    offline = offline_baselines(docs, clock)
+    lag = clock - np.array([epoch(docs[c]["as_of"]) for c in ids])
     report = result["report"]
     print(f"{len(ids):,} buyers at the cut ({datetime.fromtimestamp(clock):%Y-%m-%d}); "
           f"stopped {stopped.mean():.1%}, no purchase in the next 90 days {no_buy.mean():.1%}")
+    print(f"served scores' lag behind the clock (days): median {np.median(lag) / DAY_S:.1f}, "
+          f"p90 {np.quantile(lag, 0.9) / DAY_S:.1f}")
     print(f"served model: {report.get('model_version')}, matured labels "
           f"{report.get('churn', {}).get('labels')}, online AUC of the champion "
           f"{report.get('metrics', {}).get('churn_auc', float('nan')):.3f}")
@@ -223,10 +234,12 @@ def main() -> int:
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"{'score':34s} {'AUC stopped':>12s} {'AUC no-buy-90d':>15s}")
     for name, s in (("churn_risk (pipeline)", risk), ("recency (days since purchase)", recency),
-                    ("BG/NBD 1 - p_alive (lifetimes)", bg_dead),
-                    ("BG/NBD P(no buy in 90d)", bg_no_buy),
-                    ("  the same at each served as_of", bg_lagged)):
-        print(f"{name:34s} {auc(s, stopped):12.3f} {auc(s, no_buy):15.3f}")
+                    ("BG/NBD 1 - p_alive (lifetimes)", offline["bg_dead"]),
+                    ("BG/NBD P(no buy in 90d)", offline["bg_no_buy"]),
+                    ("  the same at each served as_of", offline["bg_lagged"]),
+                    ("Pareto/NBD P(no buy in 90d)", offline["pnbd_no_buy"]),
+                    ("  the same at each served as_of", offline["pnbd_lagged"])):
+        print(f"{name:34s} {auc(s, stopped):12.4f} {auc(s, no_buy):15.4f}")
     print("calibration of churn_risk against no purchase in the next 90 days:")
     print("\n".join(calibration_table(risk, no_buy)))
     return 0

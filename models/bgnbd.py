@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Generic, TypeVar
 
@@ -95,18 +95,24 @@ def check_positive_params(params: Any) -> None:
 
 
 def minimize_log_params(
-    objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray
+    objective: Callable[[np.ndarray], tuple[float, np.ndarray]], x0: np.ndarray,
+    maxiter: int = 2000, maxfun: int = 15000, upper: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, bool, str]:
-    """Minimise over bounded log-parameters: ``(log_params, converged, message)``."""
-    res = minimize(objective, x0, jac=True, method="L-BFGS-B",
-                   bounds=[(-LOG_BOUND, LOG_BOUND)] * len(x0),
-                   options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-9})
+    """Minimise over bounded log-parameters: ``(log_params, converged, message)``.
+
+    Each log-parameter lies in ``[-LOG_BOUND, LOG_BOUND]``, or below its ``upper`` bound.
+    """
+    highs = np.full(len(x0), LOG_BOUND) if upper is None else np.asarray(upper, dtype=float)
+    res = minimize(objective, np.minimum(x0, highs), jac=True, method="L-BFGS-B",
+                   bounds=[(-LOG_BOUND, hi) for hi in highs],
+                   options={"maxiter": maxiter, "maxfun": maxfun, "ftol": 1e-15,
+                            "gtol": 1e-9})
     if not np.all(np.isfinite(res.x)) or not np.isfinite(res.fun):
         return res.x, False, f"optimiser ended on non-finite values: {res.message}"
-    for side, hit in (("upper", res.x > LOG_BOUND - 1e-3), ("lower", res.x < 1e-3 - LOG_BOUND)):
+    for side, hit in (("upper", res.x > highs - 1e-3), ("lower", res.x < 1e-3 - LOG_BOUND)):
         if hit.any():  # the likelihood keeps growing towards 0 or infinity
             return res.x, False, f"log-parameters {np.flatnonzero(hit).tolist()} on their " \
-                f"{side} bound (+-{LOG_BOUND})"
+                f"{side} bound"
     # L-BFGS-B reports ABNORMAL when the objective is flat to machine precision: accept it
     # when the gradient is small.
     ok = bool(res.success) or float(np.max(np.abs(res.jac))) < 1e-5

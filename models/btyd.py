@@ -52,15 +52,21 @@ from models.gamma_gamma import (
     fit_gamma_gamma,
     fit_gamma_gamma_report,
 )
+from models.paretonbd import ParetoNbdParams, fit_paretonbd_report
 from models.transaction import DAY_US, MICROS
 
 __all__ = [
-    "BgNbdParams", "FitError", "FitReport", "GammaGammaParams", "PopulationModel",
-    "clv_predicted", "customer_summary", "expected_purchases", "expected_spend", "fit_bgnbd",
-    "fit_bgnbd_report", "fit_gamma_gamma", "fit_gamma_gamma_report", "fit_population",
-    "p_alive",
+    "BgNbdParams", "FitError", "FitReport", "GammaGammaParams", "ParetoNbdParams",
+    "PopulationModel", "clv_predicted", "customer_summary", "expected_purchases",
+    "expected_spend", "fit_bgnbd", "fit_bgnbd_report", "fit_gamma_gamma",
+    "fit_gamma_gamma_report", "fit_population", "p_alive",
 ]
 
+# Seconds a Pareto/NBD refit may take before it is given up: ~0.5 s once the data shows
+# dropout; before that (CDNOW's first months) its likelihood is flat along a ridge where
+# every evaluation is slow, and an unbounded fit took minutes, holding up BG/NBD's.
+RIVAL_BUDGET_S = 1.5
+RIVAL_SAMPLE = 2048  # customers a Pareto/NBD refit uses (each costs ~2 us per customer)
 DISCOUNT_STEP_DAYS = 30  # cash flows are discounted at the end of each 30-day step
 
 
@@ -125,6 +131,9 @@ class PopulationModel:
     ``gamma_gamma`` is None when the spend model could not be fitted (e.g. every repeat
     buyer spends the same): expected spend then falls back to the customer's own mean.
     ``log_likelihood`` is the BG/NBD total over the customers used, in days.
+    ``paretonbd`` (None when its fit failed, and in models saved before it existed) is
+    fitted to the same customers for the churn arena's Pareto/NBD contender; values are
+    BG/NBD's, the reference.
     """
 
     bgnbd: BgNbdParams
@@ -135,6 +144,7 @@ class PopulationModel:
     converged: bool
     log_likelihood: float
     message: str = ""
+    paretonbd: ParetoNbdParams | None = None
 
     @property
     def version(self) -> str:
@@ -166,32 +176,48 @@ class PopulationModel:
             "fitted_at_us": self.fitted_at_us, "n_customers": self.n_customers,
             "n_used": self.n_used, "converged": self.converged,
             "log_likelihood": self.log_likelihood, "message": self.message,
+            "paretonbd": None if self.paretonbd is None else self.paretonbd.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PopulationModel:
-        gg = data.get("gamma_gamma")
+        gg, pnbd = data.get("gamma_gamma"), data.get("paretonbd")
         return cls(
             bgnbd=BgNbdParams.from_dict(data["bgnbd"]),
             gamma_gamma=None if gg is None else GammaGammaParams.from_dict(gg),
             fitted_at_us=int(data["fitted_at_us"]), n_customers=int(data["n_customers"]),
             n_used=int(data["n_used"]), converged=bool(data["converged"]),
             log_likelihood=float(data["log_likelihood"]), message=str(data.get("message", "")),
+            paretonbd=None if pnbd is None else ParetoNbdParams.from_dict(pnbd),
         )
 
 
 def fit_population(
     x: Any, t_x: Any, T: Any, monetary_mean: Any, *, fitted_at_us: int, weights: Any = None,
     penalizer_coef: float = 0.0, sample_size: int | None = None, seed: int = 0,
+    previous: PopulationModel | None = None,
 ) -> PopulationModel:
-    """Fit BG/NBD and Gamma-Gamma to the same customers' summaries (days, money units).
+    """Fit BG/NBD, Pareto/NBD and Gamma-Gamma to the same customers' summaries (days,
+    money units). Pareto/NBD starts from ``previous`` fit's parameters when there are.
 
     Raises :class:`FitError` when BG/NBD cannot be fitted (no repeat buyer yet, every age
-    0): the caller keeps serving its previous model, or none.
+    0): the caller keeps serving its previous model, or none. A Pareto/NBD fit that fails
+    or does not converge is left out (None), and said in the message.
     """
     purchases = fit_bgnbd_report(x, t_x, T, weights, penalizer_coef=penalizer_coef,
                                  sample_size=sample_size, seed=seed)
     messages = [f"bgnbd: {purchases.message}"]
+    rival: ParetoNbdParams | None = None
+    try:
+        pareto = fit_paretonbd_report(
+            x, t_x, T, weights, penalizer_coef=penalizer_coef, seed=seed,
+            sample_size=min(sample_size or RIVAL_SAMPLE, RIVAL_SAMPLE),
+            initial=None if previous is None else previous.paretonbd, budget_s=RIVAL_BUDGET_S)
+        rival = pareto.params if pareto.converged else None
+        messages.append(f"paretonbd: {pareto.message}" if pareto.converged
+                        else f"paretonbd: left out, not converged: {pareto.message}")
+    except (FitError, ValueError, FloatingPointError) as exc:
+        messages.append(f"paretonbd: not fitted: {exc}")
     spend: FitReport[GammaGammaParams] | None
     try:
         spend = fit_gamma_gamma_report(x, monetary_mean, weights, penalizer_coef=penalizer_coef,
@@ -209,4 +235,5 @@ def fit_population(
         converged=purchases.converged and (spend is None or spend.converged),
         log_likelihood=purchases.log_likelihood,
         message="; ".join(messages),
+        paretonbd=rival,
     )

@@ -54,7 +54,9 @@ from typing import Any, NamedTuple, Protocol
 from river import linear_model, optim, preprocessing, tree
 
 from models.bgnbd import BgNbdParams, p_alive
+from models.btyd import PopulationModel
 from models.churn_features import FEATURE_NAMES, pack, unpack
+from models.paretonbd import p_no_purchase
 from models.transaction import DAY_US
 
 HORIZON_DAYS = 90
@@ -178,14 +180,62 @@ class RiverChurnModel:
         return f"RiverChurnModel({self.name!r})"
 
 
-class BgNbdChurnModel:
-    """BG/NBD's P(no purchase within the horizon), as a contender in the arena.
+class BtydChurnModel:
+    """A "buy till you die" model's P(no purchase within the horizon), as an arena contender.
 
     It does not learn from labels: its population parameters come from the flow's
-    periodic BG/NBD fit (:meth:`set_params`); until the first fit it has no opinion
-    (0.5). Its inputs are in the churn features: repeat purchases ``x = purchases - 1``,
-    age ``T = tenure_days`` and ``t_x = T - recency_days``. Competing in the arena, it is
-    served whenever it measures better on the delayed labels than the learned models.
+    periodic BTYD fit (:meth:`use_fit`); until the first fit it has no opinion (0.5).
+    Its inputs are in the churn features: repeat purchases ``x = purchases - 1``, age
+    ``T = tenure_days`` and ``t_x = T - recency_days``. Competing in the arena, it is
+    served whenever it measures better on the delayed labels than the other models.
+    Subclasses name the family and compute the probability from their parameters.
+    """
+
+    __slots__ = ("name", "params", "horizon_days", "max_pickle_bytes")
+    family = ""
+
+    def __init__(self, horizon_days: float = HORIZON_DAYS) -> None:
+        self.name = self.family
+        self.params: Any = None
+        self.horizon_days = horizon_days
+        self.max_pickle_bytes = 4 * 1024
+
+    def __getstate__(self) -> tuple[str, Any, float, int]:
+        return self.name, self.params, self.horizon_days, self.max_pickle_bytes
+
+    def __setstate__(self, state: tuple[str, Any, float, int]) -> None:
+        self.name, self.params, self.horizon_days, self.max_pickle_bytes = state
+
+    def set_params(self, params: Any) -> None:
+        self.params = params
+
+    def use_fit(self, fit: PopulationModel) -> None:
+        """Take this family's parameters from a population fit (kept if it has none)."""
+        raise NotImplementedError
+
+    def predict_proba_one(self, x: Mapping[str, float]) -> float:
+        if self.params is None:
+            return 0.5
+        T = max(float(x.get("tenure_days", 0.0)), 0.0)
+        t_x = min(max(T - float(x.get("recency_days", 0.0)), 0.0), T)
+        repeat = max(int(round(float(x.get("purchases", 1.0)))) - 1, 0)
+        return min(max(self._no_purchase(repeat, t_x, T), 0.0), 1.0)
+
+    def _no_purchase(self, x: int, t_x: float, T: float) -> float:
+        raise NotImplementedError
+
+    def learn_one(self, x: Mapping[str, float], y: int) -> None:
+        """Nothing to learn from one label: the parameters come from population fits."""
+
+    def clone(self) -> BtydChurnModel:
+        return type(self)(self.horizon_days)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(params={self.params})"
+
+
+class BgNbdChurnModel(BtydChurnModel):
+    """BG/NBD's P(no purchase within the horizon): the reference, champion at start.
 
     >>> model = BgNbdChurnModel()
     >>> model.set_params(BgNbdParams(r=0.75, alpha=15.0, a=0.8, b=2.5))
@@ -194,40 +244,37 @@ class BgNbdChurnModel:
     (1.0, 0.5)
     """
 
-    __slots__ = ("name", "params", "horizon_days", "max_pickle_bytes")
+    __slots__ = ()
+    family = "bgnbd"
 
-    def __init__(self, horizon_days: float = HORIZON_DAYS) -> None:
-        self.name = "bgnbd"
-        self.params: BgNbdParams | None = None
-        self.horizon_days = horizon_days
-        self.max_pickle_bytes = 4 * 1024
+    def use_fit(self, fit: PopulationModel) -> None:
+        self.params = fit.bgnbd
 
-    def __getstate__(self) -> tuple[str, BgNbdParams | None, float, int]:
-        return self.name, self.params, self.horizon_days, self.max_pickle_bytes
+    def _no_purchase(self, x: int, t_x: float, T: float) -> float:
+        return bgnbd_churn_prior(self.params, x, t_x, T, self.horizon_days)
 
-    def __setstate__(self, state: tuple[str, BgNbdParams | None, float, int]) -> None:
-        self.name, self.params, self.horizon_days, self.max_pickle_bytes = state
 
-    def set_params(self, params: BgNbdParams) -> None:
-        self.params = params
+class ParetoNbdChurnModel(BtydChurnModel):
+    """Pareto/NBD's P(no purchase within the horizon): dropout at any instant, not only
+    after a purchase (models/paretonbd.py).
 
-    def predict_proba_one(self, x: Mapping[str, float]) -> float:
-        if self.params is None:
-            return 0.5
-        T = max(float(x.get("tenure_days", 0.0)), 0.0)
-        t_x = min(max(T - float(x.get("recency_days", 0.0)), 0.0), T)
-        repeat = max(int(round(float(x.get("purchases", 1.0)))) - 1, 0)
-        return min(max(bgnbd_churn_prior(self.params, repeat, t_x, T, self.horizon_days),
-                       0.0), 1.0)
+    >>> from models.paretonbd import ParetoNbdParams
+    >>> model = ParetoNbdChurnModel()
+    >>> model.set_params(ParetoNbdParams(r=0.55, alpha=74.1, s=0.61, beta=81.7))
+    >>> x = {"purchases": 3.0, "tenure_days": 272.0, "recency_days": 59.0}
+    >>> round(model.predict_proba_one(x), 3)
+    0.636
+    """
 
-    def learn_one(self, x: Mapping[str, float], y: int) -> None:
-        """Nothing to learn from one label: the parameters come from population fits."""
+    __slots__ = ()
+    family = "paretonbd"
 
-    def clone(self) -> BgNbdChurnModel:
-        return BgNbdChurnModel(self.horizon_days)
+    def use_fit(self, fit: PopulationModel) -> None:
+        if fit.paretonbd is not None:  # a failed Pareto/NBD fit keeps the last parameters
+            self.params = fit.paretonbd
 
-    def __repr__(self) -> str:
-        return f"BgNbdChurnModel(params={self.params})"
+    def _no_purchase(self, x: int, t_x: float, T: float) -> float:
+        return float(p_no_purchase(self.params, self.horizon_days, x, t_x, T))
 
 
 def make_logreg() -> RiverChurnModel:

@@ -36,8 +36,10 @@ from models.btyd import FitError, PopulationModel, fit_population
 from models.churn import (
     DEFAULT_CHALLENGERS,
     BgNbdChurnModel,
+    BtydChurnModel,
     ChurnModel,
     LabeledExample,
+    ParetoNbdChurnModel,
     make_models,
 )
 from models.quantiles import DEFAULT_K, PopulationQuantiles
@@ -84,8 +86,9 @@ class Population:
         self.__dict__.update(state)
 
     def _lineup(self, challengers: str) -> dict[str, ChurnModel]:
-        return {**make_models(challengers),
-                "bgnbd": BgNbdChurnModel(self.config.churn_horizon_days)}
+        horizon = self.config.churn_horizon_days
+        return {**make_models(challengers), "bgnbd": BgNbdChurnModel(horizon),
+                "paretonbd": ParetoNbdChurnModel(horizon)}
 
     def use_challengers(self, challengers: str) -> None:
         """Switch a resumed population to this lineup (CRMSCORE_CHURN_MODELS changed)."""
@@ -133,7 +136,8 @@ class Population:
                 self.fitted_clock_us = clock
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="btyd-fit")
-                self._fit = self._executor.submit(fit_population, *inputs, fitted_at_us=clock)
+                self._fit = self._executor.submit(fit_population, *inputs, fitted_at_us=clock,
+                                                  previous=self.btyd)
         return taken
 
     @property
@@ -176,8 +180,8 @@ class Population:
             return False
         self.btyd = model
         for contender in self.arena.models.values():
-            if isinstance(contender, BgNbdChurnModel):
-                contender.set_params(model.bgnbd)
+            if isinstance(contender, BtydChurnModel):
+                contender.use_fit(model)
         self.version += 1
         return True
 

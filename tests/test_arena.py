@@ -284,10 +284,11 @@ def test_the_population_switches_to_the_configured_challengers_when_resumed():
     from models.population import Population
 
     population = Population(challengers="logreg,tree")
-    assert list(population.arena.models) == ["logreg", "tree", "bgnbd"]
+    assert list(population.arena.models) == ["logreg", "tree", "bgnbd", "paretonbd"]
     resumed = pickle.loads(pickle.dumps(population))
     version = resumed.version
     resumed.use_challengers("logreg")
-    assert list(resumed.arena.models) == ["logreg", "bgnbd"] and resumed.version > version
+    assert list(resumed.arena.models) == ["logreg", "bgnbd", "paretonbd"]
+    assert resumed.version > version
     with pytest.raises(ChurnModelsError, match="unknown family 'forest'"):
         Population(challengers="forest")
