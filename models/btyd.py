@@ -62,11 +62,14 @@ __all__ = [
     "fit_gamma_gamma_report", "fit_population", "p_alive",
 ]
 
-# Seconds a Pareto/NBD refit may take before it is given up: ~0.5 s once the data shows
-# dropout; before that (CDNOW's first months) its likelihood is flat along a ridge where
-# every evaluation is slow, and an unbounded fit took minutes, holding up BG/NBD's.
+# Seconds a Pareto/NBD refit may take before it is given up (wall clock: on a busy machine
+# more fits are given up): ~0.2 s on its subsample once the data show dropout; before that
+# (CDNOW's first months) its likelihood is flat along a ridge where every evaluation is
+# slow, and an unbounded fit took minutes, holding up BG/NBD's refits behind it.
 RIVAL_BUDGET_S = 1.5
-RIVAL_SAMPLE = 2048  # customers a Pareto/NBD refit uses (each costs ~2 us per customer)
+# Customers a Pareto/NBD refit uses: its numerical gradient costs 9 likelihood evaluations
+# a step, each two 2F1 series per customer.
+RIVAL_SAMPLE = 2048
 DISCOUNT_STEP_DAYS = 30  # cash flows are discounted at the end of each 30-day step
 
 
@@ -132,8 +135,8 @@ class PopulationModel:
     buyer spends the same): expected spend then falls back to the customer's own mean.
     ``log_likelihood`` is the BG/NBD total over the customers used, in days.
     ``paretonbd`` (None when its fit failed, and in models saved before it existed) is
-    fitted to the same customers for the churn arena's Pareto/NBD contender; values are
-    BG/NBD's, the reference.
+    fitted to the same customers for the churn arena's Pareto/NBD contender only: the
+    customer values (``p_alive``, expected purchases, CLV) stay BG/NBD's, the reference.
     """
 
     bgnbd: BgNbdParams
