@@ -161,3 +161,21 @@ def test_population_fit_carries_pareto_for_the_churn_contender() -> None:
     assert copy.clone().predict_proba_one(features) == 0.5
     contender.use_fit(PopulationModel.from_dict(old))  # a fit without Pareto/NBD: kept
     assert contender.params == model.paretonbd
+
+
+def test_pareto_is_refitted_only_every_rival_refit_days() -> None:
+    from models.btyd import RIVAL_REFIT_DAYS
+    from models.transaction import DAY_US
+
+    x, t_x, T = sample(TRUE, 3000, seed=6)
+    spend = np.full(x.size, 30.0)
+    first = fit_population(x, t_x, T, spend, fitted_at_us=0)
+    assert first.paretonbd is not None and first.paretonbd_tried_at_us == 0
+    soon = fit_population(x[:1500], t_x[:1500], T[:1500], spend[:1500],
+                          fitted_at_us=7 * DAY_US, previous=first)
+    assert "paretonbd: carried over" in soon.message
+    assert soon.paretonbd == first.paretonbd and soon.paretonbd_tried_at_us == 0
+    later_us = round(RIVAL_REFIT_DAYS * DAY_US)
+    later = fit_population(x[:1500], t_x[:1500], T[:1500], spend[:1500],
+                           fitted_at_us=later_us, previous=soon)
+    assert later.paretonbd_tried_at_us == later_us and later.paretonbd != first.paretonbd
