@@ -151,23 +151,7 @@ def fit_bgnbd_report(
     subsample (``seed``) of that many rows. A fit ending on an upper bound is refitted
     with the penalties in ``FALLBACK_PENALIZERS`` larger than ``penalizer_coef``.
     """
-    x, t_x, T = as_float_arrays(x, t_x, T)
-    w = np.ones_like(x) if weights is None else as_float_arrays(weights, x)[0]
-    if x.size == 0:
-        raise FitError("BG/NBD: no customers to fit")
-    if np.any(x < 0) or np.any(x != np.round(x)):
-        raise ValueError("BG/NBD: x (repeat purchases) must be non-negative integers")
-    if np.any(T < 0) or np.any(t_x < 0) or np.any(t_x > T) or np.any(w < 0):
-        raise ValueError("BG/NBD: need 0 <= t_x <= T and weights >= 0 for every customer")
-    n_customers = int(x.size)
-    idx = subsample(x.size, sample_size, seed)
-    if idx is not None:
-        x, t_x, T, w = x[idx], t_x[idx], T[idx], w[idx]
-    if w.sum() <= 0 or T.max() <= 0:
-        raise FitError(f"BG/NBD: all {n_customers} customers have age 0: nothing to learn yet")
-    if not np.any((x > 0) & (w > 0)):
-        raise FitError(f"BG/NBD: none of {n_customers} customers bought twice: the dropout "
-                       "process cannot be identified")
+    x, t_x, T, w, n_customers = fit_inputs("BG/NBD", x, t_x, T, weights, sample_size, seed)
     scale = 1.0 / T.max()  # as lifetimes: the oldest customer has age 1
     data = _LikelihoodData(x, t_x * scale, T * scale, w)
     x0 = np.full(4, 0.1)
@@ -183,6 +167,32 @@ def fit_bgnbd_report(
     if pen != penalizer_coef:
         message = f"refitted with penalizer_coef={pen} after a bound was hit; {message}"
     return FitReport(params, float(ll), n_customers, int(x.size), pen, converged, message)
+
+
+def fit_inputs(model: str, x: Any, t_x: Any, T: Any, weights: Any, sample_size: int | None,
+               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The summaries a purchase-and-dropout model (BG/NBD, Pareto/NBD) can be fitted to:
+    ``(x, t_x, T, weights, customers given)``, subsampled as asked, else an error naming
+    ``model``: :class:`FitError` for data that cannot identify it yet, ``ValueError`` for
+    impossible summaries."""
+    x, t_x, T = as_float_arrays(x, t_x, T)
+    w = np.ones_like(x) if weights is None else as_float_arrays(weights, x)[0]
+    if x.size == 0:
+        raise FitError(f"{model}: no customers to fit")
+    if np.any(x < 0) or np.any(x != np.round(x)):
+        raise ValueError(f"{model}: x (repeat purchases) must be non-negative integers")
+    if np.any(T < 0) or np.any(t_x < 0) or np.any(t_x > T) or np.any(w < 0):
+        raise ValueError(f"{model}: need 0 <= t_x <= T and weights >= 0 for every customer")
+    n_customers = int(x.size)
+    idx = subsample(x.size, sample_size, seed)
+    if idx is not None:
+        x, t_x, T, w = x[idx], t_x[idx], T[idx], w[idx]
+    if w.sum() <= 0 or T.max() <= 0:
+        raise FitError(f"{model}: all {n_customers} customers have age 0: nothing to learn yet")
+    if not np.any((x > 0) & (w > 0)):
+        raise FitError(f"{model}: none of {n_customers} customers bought twice: the dropout "
+                       "process cannot be identified")
+    return x, t_x, T, w, n_customers
 
 
 class _LikelihoodData:

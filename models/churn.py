@@ -206,9 +206,6 @@ class BtydChurnModel:
     def __setstate__(self, state: tuple[str, Any, float, int]) -> None:
         self.name, self.params, self.horizon_days, self.max_pickle_bytes = state
 
-    def set_params(self, params: Any) -> None:
-        self.params = params
-
     def use_fit(self, fit: PopulationModel) -> None:
         """Take this family's parameters from a population fit (kept if it has none)."""
         raise NotImplementedError
@@ -238,7 +235,7 @@ class BgNbdChurnModel(BtydChurnModel):
     """BG/NBD's P(no purchase within the horizon): the reference, champion at start.
 
     >>> model = BgNbdChurnModel()
-    >>> model.set_params(BgNbdParams(r=0.75, alpha=15.0, a=0.8, b=2.5))
+    >>> model.params = BgNbdParams(r=0.75, alpha=15.0, a=0.8, b=2.5)  # as a fit sets them
     >>> x = {"purchases": 11.0, "tenure_days": 205.0, "recency_days": 185.0}
     >>> round(model.predict_proba_one(x), 3), model.clone().predict_proba_one(x)
     (1.0, 0.5)
@@ -260,7 +257,7 @@ class ParetoNbdChurnModel(BtydChurnModel):
 
     >>> from models.paretonbd import ParetoNbdParams
     >>> model = ParetoNbdChurnModel()
-    >>> model.set_params(ParetoNbdParams(r=0.55, alpha=74.1, s=0.61, beta=81.7))
+    >>> model.params = ParetoNbdParams(r=0.55, alpha=74.1, s=0.61, beta=81.7)
     >>> x = {"purchases": 3.0, "tenure_days": 272.0, "recency_days": 59.0}
     >>> round(model.predict_proba_one(x), 3)
     0.636

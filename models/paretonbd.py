@@ -45,13 +45,11 @@ from scipy.special import gammaln, hyp2f1
 
 from models.bgnbd import (
     LOG_BOUND,
-    FitError,
     FitReport,
     all_scalars,
-    as_float_arrays,
     check_positive_params,
+    fit_inputs,
     minimize_log_params,
-    subsample,
 )
 
 _STEP = 1e-5  # central-difference step in log-parameters
@@ -188,26 +186,12 @@ def fit_paretonbd_report(
     sample_size: int | None = None, seed: int = 0, initial: ParetoNbdParams | None = None,
     budget_s: float | None = None,
 ) -> FitReport[ParetoNbdParams]:
-    """Fit Pareto/NBD to customer summaries (days); raises :class:`FitError` on degenerate
-    data. The arguments are :func:`models.bgnbd.fit_bgnbd_report`'s, plus ``initial``:
-    parameters to start from (an earlier fit), else all 1 in rescaled time; ``budget_s``:
-    seconds after which the fit is given up (not converged)."""
-    x, t_x, T = as_float_arrays(x, t_x, T)
-    w = np.ones_like(x) if weights is None else as_float_arrays(weights, x)[0]
-    if x.size == 0:
-        raise FitError("Pareto/NBD: no customers to fit")
-    if np.any(x < 0) or np.any(x != np.round(x)):
-        raise ValueError("Pareto/NBD: x (repeat purchases) must be non-negative integers")
-    if np.any(T < 0) or np.any(t_x < 0) or np.any(t_x > T) or np.any(w < 0):
-        raise ValueError("Pareto/NBD: need 0 <= t_x <= T and weights >= 0 for every customer")
-    n_customers = int(x.size)
-    idx = subsample(x.size, sample_size, seed)
-    if idx is not None:
-        x, t_x, T, w = x[idx], t_x[idx], T[idx], w[idx]
-    if w.sum() <= 0 or T.max() <= 0:
-        raise FitError(f"Pareto/NBD: all {n_customers} customers have age 0: nothing to learn")
-    if not np.any((x > 0) & (w > 0)):
-        raise FitError(f"Pareto/NBD: none of {n_customers} customers bought twice")
+    """Fit Pareto/NBD to customer summaries (days); raises
+    :class:`~models.bgnbd.FitError` on degenerate data. The arguments are
+    :func:`models.bgnbd.fit_bgnbd_report`'s, plus ``initial``: parameters to start from
+    (an earlier fit), else all 1 in rescaled time; ``budget_s``: seconds after which the
+    fit is given up (not converged)."""
+    x, t_x, T, w, n_customers = fit_inputs("Pareto/NBD", x, t_x, T, weights, sample_size, seed)
     scale = 1.0 / T.max()  # as lifetimes: the oldest customer has age 1
     t_x_s, T_s, W = t_x * scale, T * scale, float(w.sum())
 
