@@ -70,10 +70,6 @@ RIVAL_BUDGET_S = 1.5
 # Customers a Pareto/NBD refit uses: its numerical gradient costs 9 likelihood evaluations
 # a step, each two 2F1 series per customer.
 RIVAL_SAMPLE = 2048
-# Days of event time between Pareto/NBD refits (BG/NBD's come every CRMSCORE_BTYD_REFIT_DAYS):
-# the fits run in the flow's process, and refitted as often as BG/NBD they cost a
-# full-speed replay a quarter of its throughput (2,296 events/s against 3,069).
-RIVAL_REFIT_DAYS = 28.0
 DISCOUNT_STEP_DAYS = 30  # cash flows are discounted at the end of each 30-day step
 
 
@@ -152,7 +148,6 @@ class PopulationModel:
     log_likelihood: float
     message: str = ""
     paretonbd: ParetoNbdParams | None = None
-    paretonbd_tried_at_us: int | None = None  # the clock of the last Pareto/NBD fit tried
 
     @property
     def version(self) -> str:
@@ -185,7 +180,6 @@ class PopulationModel:
             "n_used": self.n_used, "converged": self.converged,
             "log_likelihood": self.log_likelihood, "message": self.message,
             "paretonbd": None if self.paretonbd is None else self.paretonbd.to_dict(),
-            "paretonbd_tried_at_us": self.paretonbd_tried_at_us,
         }
 
     @classmethod
@@ -198,7 +192,6 @@ class PopulationModel:
             n_used=int(data["n_used"]), converged=bool(data["converged"]),
             log_likelihood=float(data["log_likelihood"]), message=str(data.get("message", "")),
             paretonbd=None if pnbd is None else ParetoNbdParams.from_dict(pnbd),
-            paretonbd_tried_at_us=data.get("paretonbd_tried_at_us"),
         )
 
 
@@ -208,26 +201,19 @@ def fit_population(
     previous: PopulationModel | None = None,
 ) -> PopulationModel:
     """Fit BG/NBD, Pareto/NBD and Gamma-Gamma to the same customers' summaries (days,
-    money units). Pareto/NBD is refitted only ``RIVAL_REFIT_DAYS`` after the ``previous``
-    model's try (its parameters are carried over until then), from its parameters.
+    money units); Pareto/NBD starts from the ``previous`` model's parameters.
 
     Raises :class:`FitError` when BG/NBD cannot be fitted (no repeat buyer yet, every age
     0): the caller keeps serving its previous model, or none. A Pareto/NBD fit that fails
     or does not converge is left out (None; the contender keeps what it had), and said in
-    the message; the next try comes ``RIVAL_REFIT_DAYS`` later.
+    the message.
     """
     purchases = fit_bgnbd_report(x, t_x, T, weights, penalizer_coef=penalizer_coef,
                                  sample_size=sample_size, seed=seed)
-    messages = [f"bgnbd: {purchases.message}"]
-    rival = None if previous is None else previous.paretonbd
-    tried = None if previous is None else previous.paretonbd_tried_at_us
-    if tried is not None and fitted_at_us - tried < RIVAL_REFIT_DAYS * DAY_US:
-        messages.append("paretonbd: carried over")
-    else:
-        rival, message = _fit_rival(x, t_x, T, weights, penalizer_coef, sample_size, seed,
-                                    initial=rival)
-        tried = fitted_at_us
-        messages.append(message)
+    rival, rival_message = _fit_rival(
+        x, t_x, T, weights, penalizer_coef, sample_size, seed,
+        initial=None if previous is None else previous.paretonbd)
+    messages = [f"bgnbd: {purchases.message}", rival_message]
     spend: FitReport[GammaGammaParams] | None
     try:
         spend = fit_gamma_gamma_report(x, monetary_mean, weights, penalizer_coef=penalizer_coef,
@@ -246,7 +232,6 @@ def fit_population(
         log_likelihood=purchases.log_likelihood,
         message="; ".join(messages),
         paretonbd=rival,
-        paretonbd_tried_at_us=tried,
     )
 
 

@@ -11,7 +11,8 @@
   premium boundary, plus the BG/NBD inputs of the same sampled customers;
 
 and refits BG/NBD + Gamma-Gamma on the sample every ``refit_days`` of event time, in a
-background thread (a fit takes ~0.1-1 s; the flow does not wait for it). A failed or
+process of its own (models/fit_process.py: a fit takes ~0.1-1.5 s; the flow does not
+wait for it). A failed or
 non-converged fit keeps the previous parameters and is reported. Its clock is the
 stream's watermark (:meth:`Population.advance`, flows/watermark.py), not the newest row:
 every row up to it has arrived. A customer's age in a fit runs to the clock, or to
@@ -26,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import statistics
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
 
+from models import fit_process
 from models.arena import ArenaConfig, ChurnArena
 from models.btyd import FitError, PopulationModel, fit_population
 from models.churn import (
@@ -52,7 +55,7 @@ MIN_REPEAT_BUYERS = 50  # sampled customers with a repeat purchase before a firs
 
 
 class Population:
-    """Churn arena, population sample and BTYD fits. Picklable (the fit thread is not kept)."""
+    """Churn arena, population sample and BTYD fits. Picklable (a running fit is not kept)."""
 
     def __init__(self, config: ScoringConfig | None = None, arena: ChurnArena | None = None,
                  k: int = DEFAULT_K, refit_days: float = 7.0,
@@ -75,14 +78,14 @@ class Population:
         self.fitted_clock_us: int | None = None
         self.version = 0  # grows with every change a bundle would show
         self._fit: Future[PopulationModel] | None = None
-        self._executor: ThreadPoolExecutor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_fit"] = state["_executor"] = None  # a running fit is simply started again
+        state["_fit"] = None  # a running fit is simply started again
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_executor", None)  # snapshots from when fits ran in a thread
         self.__dict__.update(state)
 
     def _lineup(self, challengers: str) -> dict[str, ChurnModel]:
@@ -134,10 +137,8 @@ class Population:
             inputs = self._fit_inputs(clock)
             if inputs is not None:
                 self.fitted_clock_us = clock
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="btyd-fit")
-                self._fit = self._executor.submit(fit_population, *inputs, fitted_at_us=clock,
-                                                  previous=self.btyd)
+                self._fit = fit_process.submit(fit_population, *inputs, fitted_at_us=clock,
+                                               previous=self.btyd)
         return taken
 
     @property
@@ -169,8 +170,8 @@ class Population:
     def _collect(self, fit: Future[PopulationModel]) -> bool:
         try:
             model = fit.result()
-        except (FitError, ValueError, FloatingPointError) as exc:
-            self._log_fit({"ok": False, "error": str(exc)})
+        except (FitError, ValueError, FloatingPointError, BrokenProcessPool) as exc:
+            self._log_fit({"ok": False, "error": str(exc) or type(exc).__name__})
             log.warning("BTYD refit failed, keeping the previous parameters: %s", exc)
             return False
         self._log_fit({"ok": model.converged, **model.to_dict()})

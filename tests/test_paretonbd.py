@@ -163,19 +163,17 @@ def test_population_fit_carries_pareto_for_the_churn_contender() -> None:
     assert contender.params == model.paretonbd
 
 
-def test_pareto_is_refitted_only_every_rival_refit_days() -> None:
-    from models.btyd import RIVAL_REFIT_DAYS
-    from models.transaction import DAY_US
-
+def test_pareto_is_refitted_from_the_previous_parameters() -> None:
     x, t_x, T = sample(TRUE, 3000, seed=6)
     spend = np.full(x.size, 30.0)
     first = fit_population(x, t_x, T, spend, fitted_at_us=0)
-    assert first.paretonbd is not None and first.paretonbd_tried_at_us == 0
-    soon = fit_population(x[:1500], t_x[:1500], T[:1500], spend[:1500],
-                          fitted_at_us=7 * DAY_US, previous=first)
-    assert "paretonbd: carried over" in soon.message
-    assert soon.paretonbd == first.paretonbd and soon.paretonbd_tried_at_us == 0
-    later_us = round(RIVAL_REFIT_DAYS * DAY_US)
+    assert first.paretonbd is not None
     later = fit_population(x[:1500], t_x[:1500], T[:1500], spend[:1500],
-                           fitted_at_us=later_us, previous=soon)
-    assert later.paretonbd_tried_at_us == later_us and later.paretonbd != first.paretonbd
+                           fitted_at_us=1, previous=first)
+    assert later.paretonbd is not None and later.paretonbd != first.paretonbd
+    # Started from the maximum of the same customers, the fit stays there.
+    again = fit_population(x, t_x, T, spend, fitted_at_us=2, previous=first)
+    assert again.paretonbd is not None
+    for name in ("r", "alpha", "s", "beta"):
+        assert getattr(again.paretonbd, name) == pytest.approx(
+            getattr(first.paretonbd, name), rel=0.02)
