@@ -140,8 +140,8 @@ def score_versions(conn: redis.Redis, layout: RedisLayout) -> int:
 
 
 def offline_baselines(docs: dict[str, dict], cut: float) -> dict[str, np.ndarray]:
-    """lifetimes' BG/NBD and Pareto/NBD fitted on the calibration summaries: BG/NBD's
-    1 - P(alive), and each one's P(no purchase in the horizon) at the cut and at the
+    """lifetimes' BG/NBD and Pareto/NBD fitted on the calibration summaries: each one's
+    1 - P(alive) at the cut, and each one's P(no purchase in the horizon) at the cut and at the
     customer's served ``as_of`` (what the served scores' lag alone costs)."""
     from lifetimes import BetaGeoFitter, ParetoNBDFitter
 
@@ -169,6 +169,8 @@ def offline_baselines(docs: dict[str, dict], cut: float) -> dict[str, np.ndarray
 
         return {
             "bg_dead": 1 - np.asarray(bg.conditional_probability_alive(x, t_x, T), dtype=float),
+            "pnbd_dead": 1 - np.asarray(pnbd.conditional_probability_alive(x, t_x, T),
+                                        dtype=float),
             "bg_no_buy": bg_no_buy(T), "bg_lagged": bg_no_buy(T_served),
             "pnbd_no_buy": pnbd_no_buy(T), "pnbd_lagged": pnbd_no_buy(T_served),
         }
@@ -217,6 +219,7 @@ def main() -> int:
                         for c in ids])
     no_buy = np.array([int(c not in bought_after) for c in ids])
     risk = np.array([docs[c]["churn_risk"] for c in ids])
+    dead = np.array([1 - docs[c]["p_alive"] for c in ids])
     recency = np.array([clock - epoch(docs[c]["last_purchase_at"]) for c in ids])
     offline = offline_baselines(docs, clock)
     lag = clock - np.array([epoch(docs[c]["as_of"]) for c in ids])
@@ -227,14 +230,17 @@ def main() -> int:
           f"p90 {np.quantile(lag, 0.9) / DAY_S:.1f}")
     print(f"served model: {report.get('model_version')}, matured labels "
           f"{report.get('churn', {}).get('labels')}, online AUC of the champion "
-          f"{report.get('metrics', {}).get('churn_auc', float('nan')):.3f}")
+          f"{report.get('metrics', {}).get('churn_auc', float('nan')):.3f}; p_alive from "
+          f"{report.get('value_model')}")
     for name, m in report.get("churn", {}).get("models", {}).items():
         metrics = m["metrics"]
         print(f"  arena {name:8s} labels {m['matured_labels']:7d}  " + "  ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     print(f"{'score':34s} {'AUC stopped':>12s} {'AUC no-buy-90d':>15s}")
-    for name, s in (("churn_risk (pipeline)", risk), ("recency (days since purchase)", recency),
+    for name, s in (("churn_risk (pipeline)", risk), ("1 - p_alive (pipeline)", dead),
+                    ("recency (days since purchase)", recency),
                     ("BG/NBD 1 - p_alive (lifetimes)", offline["bg_dead"]),
+                    ("Pareto/NBD 1 - p_alive (lifetimes)", offline["pnbd_dead"]),
                     ("BG/NBD P(no buy in 90d)", offline["bg_no_buy"]),
                     ("  the same at each served as_of", offline["bg_lagged"]),
                     ("Pareto/NBD P(no buy in 90d)", offline["pnbd_no_buy"]),

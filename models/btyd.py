@@ -53,6 +53,8 @@ from models.gamma_gamma import (
     fit_gamma_gamma_report,
 )
 from models.paretonbd import ParetoNbdParams, fit_paretonbd_report
+from models.paretonbd import expected_purchases as pareto_expected_purchases
+from models.paretonbd import p_alive as pareto_p_alive
 from models.transaction import DAY_US, MICROS
 
 __all__ = [
@@ -135,8 +137,9 @@ class PopulationModel:
     buyer spends the same): expected spend then falls back to the customer's own mean.
     ``log_likelihood`` is the BG/NBD total over the customers used, in days.
     ``paretonbd`` (None when its fit failed, and in models saved before it existed) is
-    fitted to the same customers for the churn arena's Pareto/NBD contender only: the
-    customer values (``p_alive``, expected purchases, CLV) stay BG/NBD's, the reference.
+    fitted to the same customers, for the churn arena's Pareto/NBD contender and for the
+    customer values (``p_alive``, expected purchases, CLV) once the arena has found it
+    better than BG/NBD, the reference (models/population.py, ``value_model``).
     """
 
     bgnbd: BgNbdParams
@@ -153,10 +156,18 @@ class PopulationModel:
     def version(self) -> str:
         return f"btyd@{self.fitted_at_us}"
 
-    def p_alive(self, x: Any, t_x: Any, T: Any) -> Any:
+    def p_alive(self, x: Any, t_x: Any, T: Any, family: str = "bgnbd") -> Any:
+        """P(alive at ``T``) under BG/NBD, or Pareto/NBD (``family="paretonbd"``) when
+        this fit has it."""
+        if family == "paretonbd" and self.paretonbd is not None:
+            return pareto_p_alive(self.paretonbd, x, t_x, T)
         return p_alive(self.bgnbd, x, t_x, T)
 
-    def expected_purchases(self, t: float, x: Any, t_x: Any, T: Any) -> Any:
+    def expected_purchases(self, t: float, x: Any, t_x: Any, T: Any,
+                           family: str = "bgnbd") -> Any:
+        """Expected purchases in the next ``t`` days, by ``family`` as :meth:`p_alive`."""
+        if family == "paretonbd" and self.paretonbd is not None:
+            return pareto_expected_purchases(self.paretonbd, t, x, t_x, T)
         return expected_purchases(self.bgnbd, t, x, t_x, T)
 
     def expected_spend(self, frequency: Any, monetary_mean: Any) -> Any:

@@ -51,6 +51,8 @@ from models.transaction import DAY_US, format_time
 
 log = logging.getLogger(__name__)
 
+# The contenders that can also serve customer values.
+BTYD_FAMILIES = (BgNbdChurnModel.family, ParetoNbdChurnModel.family)
 MIN_REPEAT_BUYERS = 50  # sampled customers with a repeat purchase before a first BTYD fit
 
 
@@ -214,7 +216,8 @@ class Population:
             base_rate=(arena.positives + 1) / (arena.labels + 2),
             boundaries=boundaries,
             premium_boundary=self.quantiles.premium_boundary(self.config.premium_share),
-            btyd=self.btyd, typical_gap_days=self.typical_gap_days(),
+            btyd=self.btyd, value_model=self.value_model(),
+            typical_gap_days=self.typical_gap_days(),
             sample_threshold=self.quantiles.max_key() if full else None,
         )
 
@@ -242,11 +245,31 @@ class Population:
             "metrics": metrics,
             "churn": arena,
             "btyd": None if self.btyd is None else self.btyd.to_dict(),
+            "value_model": self.value_model(),
             "btyd_fits": self.fit_log,
             "rfm_boundaries": None if boundaries is None else boundaries.as_dict(),
             "premium_boundary": self.quantiles.premium_boundary(self.config.premium_share),
             "typical_gap_days": self.typical_gap_days(),
         }
+
+    def value_model(self) -> str:
+        """The BTYD family whose ``p_alive``, expected purchases and CLV are served: the
+        churn champion when it is one, else the last one that was; BG/NBD, the reference
+        and first champion, until Pareto/NBD is promoted over it.
+
+        The arena's delayed labels (no purchase within the horizon) test each family's
+        whole purchase process, so the one that predicts them better is taken to
+        predict purchases better too: on CDNOW, offline, Pareto/NBD ranks no purchase
+        in 90 days 0.771 against 0.764 and predicts the holdout's purchases with an MAE
+        of 0.791 against 0.818. BG/NBD's ``p_alive`` is 1 for every one-time buyer, however
+        long silent; Pareto/NBD's falls with the silence.
+        """
+        arena = self.arena
+        champions = [arena.champion, *(p["from"] for p in reversed(arena.promotions))]
+        family = next((name for name in champions if name in BTYD_FAMILIES), "bgnbd")
+        if family == "paretonbd" and (self.btyd is None or self.btyd.paretonbd is None):
+            return "bgnbd"
+        return family
 
     def bundle_version_name(self) -> str:
         arena = self.arena

@@ -127,6 +127,7 @@ class ModelBundle:
     boundaries: Boundaries | None = None
     premium_boundary: float | None = None
     btyd: PopulationModel | None = None
+    value_model: str = "bgnbd"  # the BTYD family of p_alive, expected purchases and CLV
     typical_gap_days: float | None = None
     # Largest customer hash in the population sample once it is full: updates from
     # customers above it cannot enter the sample, so they are not sent.
@@ -456,8 +457,10 @@ class ScoredCustomer:
         if bundle.btyd is not None and s.purchase_count > 0:
             x, t_x, T = self._btyd_inputs(now)
             spend_mean = max(s.gross_micros / s.purchase_count / MICROS, 0.0)
-            p_alive = float(bundle.btyd.p_alive(x, t_x, T))
-            expected = float(bundle.btyd.expected_purchases(cfg.clv_horizon_days, x, t_x, T))
+            family = bundle.value_model
+            p_alive = float(bundle.btyd.p_alive(x, t_x, T, family))
+            expected = float(bundle.btyd.expected_purchases(cfg.clv_horizon_days, x, t_x, T,
+                                                            family))
             clv = expected * float(bundle.btyd.expected_spend(x, spend_mean))
         expected_value = None if clv is None else net + clv
         rfm = doc["rfm"]

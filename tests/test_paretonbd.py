@@ -177,3 +177,45 @@ def test_pareto_is_refitted_from_the_previous_parameters() -> None:
     for name in ("r", "alpha", "s", "beta"):
         assert getattr(again.paretonbd, name) == pytest.approx(
             getattr(first.paretonbd, name), rel=0.02)
+
+
+def test_customer_values_follow_the_btyd_family_the_arena_promoted() -> None:
+    from dataclasses import replace
+
+    from models.population import Population
+    from models.scoring import Outputs, ScoredCustomer
+    from models.transaction import DAY_US, MICROS, Transaction
+
+    x, t_x, T = sample(TRUE, 3000, seed=7)
+    fit = fit_population(x, t_x, T, np.full(x.size, 30.0) + x, fitted_at_us=0)
+    assert fit.paretonbd is not None
+    population = Population()
+    population.btyd = fit
+    assert population.value_model() == "bgnbd"  # the reference, first champion
+    arena = population.arena
+    arena.promotions.append({"from": "bgnbd", "to": "paretonbd"})
+    arena.champion = "paretonbd"
+    assert population.value_model() == "paretonbd"
+    arena.promotions.append({"from": "paretonbd", "to": "logreg"})
+    arena.champion = "logreg"  # a learned model serves churn risk: values stay Pareto/NBD's
+    assert population.value_model() == "paretonbd"
+    assert population.report("now")["value_model"] == "paretonbd"
+    bundle = population.bundle()
+    assert bundle.value_model == "paretonbd"
+
+    # A one-time buyer silent for 300 days: BG/NBD holds them alive for sure, Pareto/NBD not.
+    customer = ScoredCustomer("c")
+    customer.apply(Transaction("e", "c", 0, False, 10 * MICROS, "EUR", b"e"), bundle, Outputs())
+    customer.as_of_us = 300 * DAY_US
+    doc = customer.document(bundle, Outputs())
+    assert doc["p_alive"] == pytest.approx(p_alive(fit.paretonbd, 0, 0.0, 300.0))
+    assert doc["p_alive"] < 0.9
+    assert doc["expected_purchases"] == pytest.approx(
+        expected_purchases(fit.paretonbd, 365.0, 0, 0.0, 300.0))
+    reference = customer.document(replace(bundle, value_model="bgnbd"), Outputs())
+    assert reference["p_alive"] == 1.0
+
+    population.btyd = fit_population(x, t_x, T, np.full(x.size, 30.0), fitted_at_us=1)
+    object.__setattr__(population.btyd, "paretonbd", None)  # its Pareto/NBD fit failed
+    assert population.value_model() == "bgnbd"
+
