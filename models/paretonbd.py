@@ -189,16 +189,17 @@ def fit_paretonbd_report(
     """Fit Pareto/NBD to customer summaries (days); raises
     :class:`~models.bgnbd.FitError` on degenerate data. The arguments are
     :func:`models.bgnbd.fit_bgnbd_report`'s, plus ``initial``: parameters to start from
-    (an earlier fit), else all 1 in rescaled time; ``budget_s``: seconds after which the
-    fit is given up (not converged)."""
+    (an earlier fit), else all 1 in rescaled time; ``budget_s``: seconds of the calling
+    thread's CPU time after which the fit is given up (not converged): other work on the
+    machine does not count."""
     x, t_x, T, w, n_customers = fit_inputs("Pareto/NBD", x, t_x, T, weights, sample_size, seed)
     scale = 1.0 / T.max()  # as lifetimes: the oldest customer has age 1
     t_x_s, T_s, W = t_x * scale, T * scale, float(w.sum())
 
-    deadline = None if budget_s is None else time.monotonic() + budget_s
+    deadline = None if budget_s is None else time.thread_time() + budget_s
 
     def mean_ll(log_params: np.ndarray) -> float:
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and time.thread_time() > deadline:
             raise _OutOfTime
         r, alpha, s, beta = np.exp(log_params)
         ll = log_likelihood(ParetoNbdParams(r, alpha, s, beta), x, t_x_s, T_s)
@@ -226,7 +227,7 @@ def fit_paretonbd_report(
                 maxfun=3 * MAX_ITERATIONS,
                 upper=(LOG_BOUND, LOG_BOUND, math.log(MAX_S), LOG_BOUND))
         except _OutOfTime:
-            log_params, converged, message = x0, False, f"gave up after {budget_s:g} s"
+            log_params, converged, message = x0, False, f"gave up after {budget_s:g} s of CPU"
             deadline = None
         r, alpha_s, s, beta_s = np.exp(log_params)
         params = ParetoNbdParams(float(r), float(alpha_s / scale), float(s),
