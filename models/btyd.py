@@ -216,15 +216,17 @@ def fit_population(
     money units); Pareto/NBD starts from the ``previous`` model's parameters.
 
     Raises :class:`FitError` when BG/NBD cannot be fitted (no repeat buyer yet, every age
-    0): the caller keeps serving its previous model, or none. A Pareto/NBD fit that fails
-    or does not converge is left out (None; the contender keeps what it had), and said in
-    the message.
+    0): the caller keeps serving its previous model, or none. When a Pareto/NBD fit fails
+    or does not converge, the ``previous`` parameters are kept (None without them), and
+    the message says so: values served from Pareto/NBD do not flip to BG/NBD's and back.
     """
     purchases = fit_bgnbd_report(x, t_x, T, weights, penalizer_coef=penalizer_coef,
                                  sample_size=sample_size, seed=seed)
-    rival, rival_message = _fit_rival(
-        x, t_x, T, weights, penalizer_coef, sample_size, seed,
-        initial=None if previous is None else previous.paretonbd)
+    kept = None if previous is None else previous.paretonbd
+    rival, rival_message = _fit_rival(x, t_x, T, weights, penalizer_coef, sample_size, seed,
+                                      initial=kept)
+    if rival is None and kept is not None:
+        rival, rival_message = kept, f"{rival_message}; previous parameters kept"
     messages = [f"bgnbd: {purchases.message}", rival_message]
     spend: FitReport[GammaGammaParams] | None
     try:

@@ -171,6 +171,15 @@ def test_pareto_is_refitted_from_the_previous_parameters() -> None:
     later = fit_population(x[:1500], t_x[:1500], T[:1500], spend[:1500],
                            fitted_at_us=1, previous=first)
     assert later.paretonbd is not None and later.paretonbd != first.paretonbd
+    # A refit of Pareto/NBD that fails keeps the previous parameters, said in the message.
+    import models.btyd
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models.btyd, "RIVAL_BUDGET_S", -1.0)  # given up at once
+        failed = fit_population(x, t_x, T, spend, fitted_at_us=1, previous=first)
+        assert failed.paretonbd == first.paretonbd
+        assert "gave up" in failed.message and "previous parameters kept" in failed.message
+        assert fit_population(x, t_x, T, spend, fitted_at_us=1).paretonbd is None
     # Started from the maximum of the same customers, the fit stays there.
     again = fit_population(x, t_x, T, spend, fitted_at_us=2, previous=first)
     assert again.paretonbd is not None
