@@ -224,7 +224,6 @@ def test_customer_values_follow_the_btyd_family_the_arena_promoted() -> None:
     reference = customer.document(replace(bundle, value_model="bgnbd"), Outputs())
     assert reference["p_alive"] == 1.0
 
-    population.btyd = fit_population(x, t_x, T, np.full(x.size, 30.0), fitted_at_us=1)
-    object.__setattr__(population.btyd, "paretonbd", None)  # its Pareto/NBD fit failed
+    population.btyd = replace(fit, paretonbd=None)  # no Pareto/NBD fit has succeeded yet
     assert population.value_model() == "bgnbd"
 
