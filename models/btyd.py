@@ -52,8 +52,7 @@ from models.gamma_gamma import (
     fit_gamma_gamma,
     fit_gamma_gamma_report,
 )
-from models.paretonbd import ParetoNbdParams, fit_paretonbd_report
-from models.paretonbd import expected_purchases as pareto_expected_purchases
+from models.paretonbd import ParetoNbdParams, fit_paretonbd_report, purchases_if_alive
 from models.paretonbd import p_alive as pareto_p_alive
 from models.transaction import DAY_US, MICROS
 
@@ -157,19 +156,22 @@ class PopulationModel:
     def version(self) -> str:
         return f"btyd@{self.fitted_at_us}"
 
-    def p_alive(self, x: Any, t_x: Any, T: Any, family: str = "bgnbd") -> Any:
-        """P(alive at ``T``) under BG/NBD, or Pareto/NBD (``family="paretonbd"``) when
-        this fit has it."""
-        if family == "paretonbd" and self.paretonbd is not None:
-            return pareto_p_alive(self.paretonbd, x, t_x, T)
+    def p_alive(self, x: Any, t_x: Any, T: Any) -> Any:
         return p_alive(self.bgnbd, x, t_x, T)
 
-    def expected_purchases(self, t: float, x: Any, t_x: Any, T: Any,
-                           family: str = "bgnbd") -> Any:
-        """Expected purchases in the next ``t`` days, by ``family`` as :meth:`p_alive`."""
-        if family == "paretonbd" and self.paretonbd is not None:
-            return pareto_expected_purchases(self.paretonbd, t, x, t_x, T)
+    def expected_purchases(self, t: float, x: Any, t_x: Any, T: Any) -> Any:
         return expected_purchases(self.bgnbd, t, x, t_x, T)
+
+    def alive_and_expected(self, t: float, x: Any, t_x: Any, T: Any,
+                           family: str = "bgnbd") -> tuple[Any, Any]:
+        """``(P(alive at T), expected purchases in the next t days)`` under BG/NBD, or
+        under Pareto/NBD (``family="paretonbd"``) when this fit has it: there the second
+        is the first times the purchases of a customer alive, so P(alive), two 2F1
+        series, is computed once."""
+        if family == "paretonbd" and self.paretonbd is not None:
+            alive = pareto_p_alive(self.paretonbd, x, t_x, T)
+            return alive, alive * purchases_if_alive(self.paretonbd, t, x, T)
+        return self.p_alive(x, t_x, T), self.expected_purchases(t, x, t_x, T)
 
     def expected_spend(self, frequency: Any, monetary_mean: Any) -> Any:
         if self.gamma_gamma is not None:

@@ -267,7 +267,7 @@ class ParetoNbdChurnModel(BtydChurnModel):
     family = "paretonbd"
 
     def use_fit(self, fit: PopulationModel) -> None:
-        if fit.paretonbd is not None:  # a failed Pareto/NBD fit keeps the last parameters
+        if fit.paretonbd is not None:  # None: no Pareto/NBD fit yet, or a model from before it
             self.params = fit.paretonbd
 
     def _no_purchase(self, x: int, t_x: float, T: float) -> float:

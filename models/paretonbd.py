@@ -127,20 +127,24 @@ def p_no_purchase(params: ParetoNbdParams, h: float, x: Any, t_x: Any, T: Any) -
 
 
 def expected_purchases(params: ParetoNbdParams, t: float, x: Any, t_x: Any, T: Any) -> Any:
-    """Expected purchases in the next ``t`` days given (x, t_x, T) (eq. 41).
+    """Expected purchases in the next ``t`` days given (x, t_x, T) (eq. 41):
+    ``p_alive`` times :func:`purchases_if_alive`."""
+    return p_alive(params, x, t_x, T) * purchases_if_alive(params, t, x, T)
 
-    ``p_alive * (r+x)(beta+T) / (alpha+T) * (1 - q^(s-1)) / (s-1)``, ``q = (beta+T) /
-    (beta+T+t)``; the last factor is ``-log q`` at ``s = 1``.
-    """
+
+def purchases_if_alive(params: ParetoNbdParams, t: float, x: Any, T: Any) -> Any:
+    """Expected purchases in the next ``t`` days of a customer alive at ``T`` with ``x``
+    repeat purchases: ``(r+x)(beta+T) / (alpha+T) * (1 - q^(s-1)) / (s-1)``, ``q =
+    (beta+T) / (beta+T+t)``; the last factor is ``-log q`` at ``s = 1``."""
     r, alpha, s, beta = params.r, params.alpha, params.s, params.beta
-    if all_scalars(x, t_x, T):
+    if all_scalars(x, T):
         log_q = math.log((beta + T) / (beta + T + t))
         span = -log_q if abs(s - 1.0) < 1e-9 else -math.expm1((s - 1.0) * log_q) / (s - 1.0)
-        return p_alive(params, x, t_x, T) * (r + x) * (beta + T) / (alpha + T) * span
-    x, t_x, T = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (x, t_x, T)))
+        return (r + x) * (beta + T) / (alpha + T) * span
+    x, T = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (x, T)))
     log_q = np.log((beta + T) / (beta + T + t))
     span = -log_q if abs(s - 1.0) < 1e-9 else -np.expm1((s - 1.0) * log_q) / (s - 1.0)
-    return p_alive(params, x, t_x, T) * (r + x) * (beta + T) / (alpha + T) * span
+    return (r + x) * (beta + T) / (alpha + T) * span
 
 
 def _logaddexp(a: float, b: float) -> float:

@@ -457,10 +457,8 @@ class ScoredCustomer:
         if bundle.btyd is not None and s.purchase_count > 0:
             x, t_x, T = self._btyd_inputs(now)
             spend_mean = max(s.gross_micros / s.purchase_count / MICROS, 0.0)
-            family = bundle.value_model
-            p_alive = float(bundle.btyd.p_alive(x, t_x, T, family))
-            expected = float(bundle.btyd.expected_purchases(cfg.clv_horizon_days, x, t_x, T,
-                                                            family))
+            p_alive, expected = (float(v) for v in bundle.btyd.alive_and_expected(
+                cfg.clv_horizon_days, x, t_x, T, bundle.value_model))
             clv = expected * float(bundle.btyd.expected_spend(x, spend_mean))
         expected_value = None if clv is None else net + clv
         rfm = doc["rfm"]
