@@ -31,7 +31,7 @@ import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import numpy as np
 from scipy.optimize import minimize
@@ -66,14 +66,12 @@ class FitReport(Generic[P]):
     message: str
 
 
-@dataclass(frozen=True, slots=True)
-class BgNbdParams:
-    """Population parameters of the BG/NBD model, ``alpha`` in days."""
+class PositiveParams:
+    """Base of the models' parameter dataclasses (BG/NBD, Pareto/NBD, Gamma-Gamma): every
+    field finite and > 0, and a JSON form, ``to_dict`` / ``from_dict``."""
 
-    r: float
-    alpha: float
-    a: float
-    b: float
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # what makes a subclass a dataclass
 
     def __post_init__(self) -> None:
         check_positive_params(self)
@@ -82,8 +80,18 @@ class BgNbdParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BgNbdParams:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
+
+
+@dataclass(frozen=True, slots=True)
+class BgNbdParams(PositiveParams):
+    """Population parameters of the BG/NBD model, ``alpha`` in days."""
+
+    r: float
+    alpha: float
+    a: float
+    b: float
 
 
 def check_positive_params(params: Any) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from models.bgnbd import (
     FALLBACK_PENALIZERS,
     FitError,
     FitReport,
+    PositiveParams,
     all_scalars,
     as_float_arrays,
     check_positive_params,
@@ -44,7 +45,7 @@ Q_MIN = 1.01  # q <= 1 has no finite population mean spend
 
 
 @dataclass(frozen=True, slots=True)
-class GammaGammaParams:
+class GammaGammaParams(PositiveParams):
     """Population parameters of the Gamma-Gamma model, ``v`` in money units."""
 
     p: float
@@ -59,13 +60,6 @@ class GammaGammaParams:
     @property
     def population_mean(self) -> float:
         return self.p * self.v / (self.q - 1.0)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> GammaGammaParams:
-        return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
 
 
 def fit_gamma_gamma(frequency: Any, monetary_mean: Any, weights: Any = None,

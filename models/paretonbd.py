@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,8 +46,8 @@ from scipy.special import gammaln, hyp2f1
 from models.bgnbd import (
     LOG_BOUND,
     FitReport,
+    PositiveParams,
     all_scalars,
-    check_positive_params,
     fit_inputs,
     minimize_log_params,
 )
@@ -71,21 +71,11 @@ UNUSABLE = 1e10  # the objective where the likelihood is not finite
 
 
 @dataclass(frozen=True, slots=True)
-class ParetoNbdParams:
+class ParetoNbdParams(PositiveParams):
     r: float
     alpha: float
     s: float
     beta: float
-
-    def __post_init__(self) -> None:
-        check_positive_params(self)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ParetoNbdParams:
-        return cls(**{f.name: float(data[f.name]) for f in fields(cls)})
 
 
 def log_likelihood(params: ParetoNbdParams, x: Any, t_x: Any, T: Any) -> Any:
