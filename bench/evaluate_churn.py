@@ -32,6 +32,7 @@ import tempfile
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 
@@ -125,10 +126,25 @@ def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:
                 d = load(doc)
                 docs[d["customer_id"]] = d
         report = orjson.loads(conn.hget(layout.model_report(), "doc") or b"{}")
+        print(f"wake-ups sent: {topic_messages(settings, settings.timers_topic):,}")
         return {"docs": docs, "status": st, "report": report}
     finally:
         flow.terminate()
         flow.wait(30)
+
+
+def topic_messages(settings: Settings, topic: str) -> int:
+    """How many messages ``topic`` holds (its partitions' end offsets, from offset 0)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap,
+                         "group.id": f"count-{uuid.uuid4().hex[:8]}"})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                   for p in partitions)
+    finally:
+        consumer.close()
 
 
 def score_versions(conn: redis.Redis, layout: RedisLayout) -> int:
@@ -172,8 +188,21 @@ def offline_baselines(docs: dict[str, dict], cut: float) -> dict[str, np.ndarray
             "pnbd_dead": 1 - np.asarray(pnbd.conditional_probability_alive(x, t_x, T),
                                         dtype=float),
             "bg_no_buy": bg_no_buy(T), "bg_lagged": bg_no_buy(T_served),
-            "pnbd_no_buy": pnbd_no_buy(T), "pnbd_lagged": pnbd_no_buy(T_served),
+            "pnbd_no_buy": pnbd_no_buy(T),
+            "pnbd_lagged": paretonbd_no_buy(pnbd.params_, x, t_x, T_served),
         }
+
+
+def paretonbd_no_buy(params: Mapping[str, float], x: np.ndarray, t_x: np.ndarray,
+                     T: np.ndarray) -> np.ndarray:
+    """Pareto/NBD's P(no purchase in the horizon) for lifetimes' fitted ``params``, by this
+    project's closed form (models/paretonbd.py): lifetimes returns NaN where ``T == t_x``
+    (a customer scored at their last purchase), which served ``as_of`` often is."""
+    from models.paretonbd import ParetoNbdParams, p_no_purchase
+
+    fitted = ParetoNbdParams(*(float(params[k]) for k in ("r", "alpha", "s", "beta")))
+    return np.array([float(p_no_purchase(fitted, HORIZON_DAYS, int(a), b, c))
+                     for a, b, c in zip(x, t_x, T, strict=True)])
 
 
 def calibration_table(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[str]:
@@ -232,10 +261,19 @@ def main() -> int:
           f"{report.get('churn', {}).get('labels')}, online AUC of the champion "
           f"{report.get('metrics', {}).get('churn_auc', float('nan')):.3f}; p_alive from "
           f"{report.get('value_model')}")
+    for p in report.get("churn", {}).get("promotions", []):
+        print(f"  promoted {p['from']} -> {p['to']} at label {p['labels']}: lead "
+              f"{p.get('lead')} +- {p.get('lead_se')}")
     for name, m in report.get("churn", {}).get("models", {}).items():
         metrics = m["metrics"]
         print(f"  arena {name:8s} labels {m['matured_labels']:7d}  " + "  ".join(
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+        strata = m.get("strata", {})
+        print(f"           promotion metric {m.get('promotion_metric')}; " + "  ".join(
+            f"{kind} {s['matured_labels']} labels, recent log loss "
+            f"{s['metrics']['recent_log_loss']:.4f} +- {s['metrics']['recent_log_loss_se']:.4f}"
+            for kind, s in strata.items() if s["metrics"]["recent_log_loss"] is not None)
+            + f"; lead over the champion {m.get('lead_over_champion')}")
     print(f"{'score':34s} {'AUC stopped':>12s} {'AUC no-buy-90d':>15s}")
     for name, s in (("churn_risk (pipeline)", risk), ("1 - p_alive (pipeline)", dead),
                     ("recency (days since purchase)", recency),

@@ -25,9 +25,16 @@ prediction. In a stream's first horizon every matured label is a "came back", an
 CDNOW a logistic regression was promoted then, 5 weeks in, on labels none of which
 could say "churned".
 
-The challenger *leads* when it is ahead by more than
-``margin + z * sqrt(se_champion**2 + se_challenger**2)`` (the standard errors of the two
-recent metrics: a lead the noise could explain is no lead). One that leads for
+The challenger *leads* when it is ahead by more than ``margin + z * se`` (a lead the
+noise could explain is no lead). For log loss, ``se`` is the standard error of the
+*paired* lead: the decayed mean, per stratum, of the per-label difference between the
+two models' losses (:class:`~models.churn_metrics.PairedDifference`). Both models are
+scored on the same labels, and their errors move together (a customer who surprises one
+model surprises the other). On the generator's stream BG/NBD's and Pareto/NBD's
+stratified recent log losses each had a standard error of ~0.0105, their paired lead
+one of 0.0016-0.0020: the unpaired allowance (0.01 + 2 x 0.015) kept the true model
+(Pareto/NBD, 0.021-0.029 nats ahead) from ever being promoted; paired, it is. AUC has no
+per-label difference: for ``recent_auc`` the allowance stays the unpaired one. One that leads for
 ``patience`` consecutive evaluations, with at least ``min_labels_to_promote`` labels
 seen, becomes champion; every streak then restarts. To come back, the old champion must
 in turn lead by as much for as long: equal models do not flip back and forth (a fixed
@@ -66,7 +73,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
 from models.churn import ChurnModel, LabeledExample, PendingLabel, default_models
-from models.churn_metrics import DelayedLabelMetrics
+from models.churn_metrics import DelayedLabelMetrics, PairedDifference, log_loss
 
 PROMOTION_LOG_LEN = 100
 METRICS = ("recent_auc", "recent_log_loss")  # higher is better / lower is better
@@ -129,6 +136,9 @@ class ChurnArena:
                              f"{sorted(self.models)}")
         self.metrics = {name: self._new_metrics() for name in self.models}
         self.strata = {name: self._new_strata() for name in self.models}
+        # per pair of models (names sorted), per stratum: the first one's log loss minus
+        # the second one's, on the labels both predicted
+        self.pairs: dict[tuple[str, str], dict[str, PairedDifference]] = {}
         self.labels = 0  # matured labels learned
         self.positives = 0
         self.generation = 1
@@ -146,6 +156,7 @@ class ChurnArena:
         self.__dict__.setdefault("clock_us", self.champion_since_us)  # an older snapshot
         if "strata" not in state:  # a snapshot from before the strata: they start empty
             self.strata = {name: self._new_strata() for name in self.models}
+        self.__dict__.setdefault("pairs", {})  # ... or before the paired differences
 
     def _new_metrics(self) -> DelayedLabelMetrics:
         cfg = self.config
@@ -169,6 +180,8 @@ class ChurnArena:
         self.metrics = {name: self.metrics[name] for name in kept}
         self.strata = {name: self.strata[name] for name in kept}
         self.streaks = {name: self.streaks.get(name, 0) for name in kept}
+        self.pairs = {pair: d for pair, d in self.pairs.items()
+                      if pair[0] in kept and pair[1] in kept}
         if self.champion not in kept:
             self.champion = cfg.prior_name if cfg.prior_name in kept else next(iter(kept))
             self.generation += 1
@@ -203,12 +216,18 @@ class ChurnArena:
     def learn(self, example: LabeledExample) -> None:
         """Score each model's open-time prediction against the label, then learn it."""
         y, kind = example.label, stratum(example)
+        losses = {}
         for name, model in self.models.items():
             p = example.predictions_at_open.get(name)
             if p is not None:  # absent for a model added after the prediction opened
                 self.metrics[name].update(p, y, example.matured_at_us)
                 self.strata[name][kind].update(p, y, example.matured_at_us)
+                losses[name] = log_loss(p, y)
             model.learn_one(example.features, y)
+        names = sorted(losses)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                self._pair(first, second)[kind].update(losses[first] - losses[second])
         self.labels += 1
         self.positives += y
         at = example.matured_at_us
@@ -216,15 +235,25 @@ class ChurnArena:
         if self.labels % self.config.evaluate_every == 0:
             self.evaluate(self.clock_us)
 
-    def _counted(self, name: str) -> list[DelayedLabelMetrics]:
+    def _pair(self, first: str, second: str) -> dict[str, PairedDifference]:
+        pair = self.pairs.get((first, second))
+        if pair is None:
+            pair = self.pairs[first, second] = {
+                kind: PairedDifference(self.config.half_life) for kind in STRATA}
+        return pair
+
+    def _counted_kinds(self, name: str) -> list[str]:
         """The strata of ``name`` with labels; none while one of them has too few."""
         cfg = self.config
-        seen = [m for m in self.strata[name].values() if m.labels]
+        seen = [(kind, m) for kind, m in self.strata[name].items() if m.labels]
         if any(m.labels < cfg.min_stratum_labels or getattr(m, cfg.metric) is None
                or min(m.positives, m.labels - m.positives) < cfg.min_class_labels
-               for m in seen):
+               for _, m in seen):
             return []
-        return seen
+        return [kind for kind, _ in seen]
+
+    def _counted(self, name: str) -> list[DelayedLabelMetrics]:
+        return [self.strata[name][kind] for kind in self._counted_kinds(name)]
 
     def stratified(self, name: str) -> float | None:
         """The promotion metric of ``name``: its recent metric, averaged over the strata."""
@@ -247,6 +276,30 @@ class ChurnArena:
         ses = [getattr(m, f"{self.config.metric}_se") or 0.0 for m in counted]
         return float(sum(se * se for se in ses) ** 0.5 / len(counted))
 
+    def lead(self, name: str) -> tuple[float, float] | None:
+        """How far ``name`` is ahead of the champion on the promotion metric, and the
+        standard error of that lead; None while either one's metric is unknown. Log loss
+        is compared label by label (paired); AUC as two separate measurements."""
+        champion = self.champion
+        kinds, champion_kinds = self._counted_kinds(name), self._counted_kinds(champion)
+        if name == champion or not kinds or not champion_kinds:
+            return None
+        if self.config.metric == "recent_auc":
+            score, best = self._score(name), self._score(champion)
+            if score is None or best is None:
+                return None
+            return score - best, (self._se(name) ** 2 + self._se(champion) ** 2) ** 0.5
+        first, second = sorted((name, champion))
+        pair = self.pairs.get((first, second))
+        shared = [kind for kind in kinds if kind in champion_kinds]
+        if pair is None or not shared or any(
+                pair[kind].labels < self.config.min_stratum_labels for kind in shared):
+            return None
+        sign = 1.0 if first == champion else -1.0  # the champion's loss minus name's
+        lead = sum(sign * (pair[kind].mean or 0.0) for kind in shared) / len(shared)
+        se = sum((pair[kind].se or 0.0) ** 2 for kind in shared) ** 0.5 / len(shared)
+        return lead, se
+
     def evaluate(self, at_us: int) -> str | None:
         """One promotion evaluation; returns the new champion's name if one was promoted."""
         self.evaluations += 1
@@ -257,19 +310,25 @@ class ChurnArena:
             if name == self.champion:
                 continue
             score = self._score(name)
-            noise = cfg.z * (self._se(name) ** 2 + self._se(self.champion) ** 2) ** 0.5
-            leads = score is not None and (best is None or score - best > cfg.margin + noise)
+            if best is None:  # the champion's metric is unknown: any known one leads
+                leads = score is not None
+            else:
+                lead = self.lead(name)
+                leads = lead is not None and lead[0] > cfg.margin + cfg.z * lead[1]
             self.streaks[name] = self.streaks[name] + 1 if leads else 0
             ready = (self.streaks[name] >= cfg.patience
                      and self.metrics[name].labels >= cfg.min_labels_to_promote)
             if ready and (promoted is None or (score or 0.0) > (self._score(promoted) or 0.0)):
                 promoted = name
         if promoted is not None:
+            lead = self.lead(promoted)
             self.promotions.append({
                 "at_us": at_us, "labels": self.labels, "from": self.champion, "to": promoted,
                 "metric": f"{cfg.metric} (mean over strata)",
                 "champion_value": self.stratified(self.champion),
                 "challenger_value": self.stratified(promoted),
+                "lead": None if lead is None else lead[0],
+                "lead_se": None if lead is None else lead[1],
                 "version": f"{promoted}@v{self.generation + 1}",
             })
             self.champion = promoted
@@ -297,6 +356,7 @@ class ChurnArena:
                     "matured_labels": self.metrics[name].labels,
                     "metrics": self.metrics[name].snapshot(),
                     "promotion_metric": self.stratified(name),
+                    "lead_over_champion": self._lead_report(name),
                     "strata": {kind: {"matured_labels": m.labels, "metrics": m.snapshot()}
                                for kind, m in self.strata[name].items()},
                     "calibration": self.metrics[name].calibration(),
@@ -307,3 +367,7 @@ class ChurnArena:
             },
         }
 
+
+    def _lead_report(self, name: str) -> dict[str, float] | None:
+        lead = self.lead(name)
+        return None if lead is None else {"lead": lead[0], "se": lead[1]}

@@ -117,6 +117,44 @@ def test_log_loss_can_be_the_promotion_metric() -> None:
         ArenaConfig(metric="accuracy")
 
 
+def feed_shared_error(arena: ChurnArena, n: int, seed: int, extra: Mapping[str, float]):
+    """Labels from a latent score z; every model sees z + u, one error u they share (what
+    a purchase history cannot tell), plus its own extra noise ``extra[key]``."""
+    rng = random.Random(seed)
+    for i in range(n):
+        z = rng.gauss(-1.0, 1.5)
+        y = int(rng.random() < 1 / (1 + math.exp(-z)))
+        u = rng.gauss(0.0, 1.5)
+        x = {key: z + u + rng.gauss(0.0, sd) for key, sd in extra.items()}
+        opened = arena.open(x, opened_at_us=i * DAY_US)
+        arena.learn(mature_on_clock(opened, (i + 91) * DAY_US) if y
+                    else mature_on_purchase(opened, (i + 1) * DAY_US))
+
+
+def test_log_loss_leads_are_paired_so_shared_errors_do_not_hide_a_steady_lead() -> None:
+    """Both models share most of their error; "better" is ahead by ~0.02 nats on every
+    kind of label. Unpaired, each loss has a standard error of ~0.016 and the allowance
+    (0.01 + 2 x 0.023) hides the lead; paired, the difference's is ~0.003."""
+    arena = arena_of(("worse", "w"), ("better", "b"), metric="recent_log_loss")
+    feed_shared_error(arena, 8000, seed=0, extra={"w": 0.5, "b": 0.0})
+    assert arena.champion == "better"
+    (promotion,) = arena.promotions
+    assert promotion["lead"] > arena.config.margin + arena.config.z * promotion["lead_se"]
+    lead, se = arena.lead("worse")  # the old champion, now behind
+    assert lead < -arena.config.margin and se < 0.005
+    unpaired = (arena._se("better") ** 2 + arena._se("worse") ** 2) ** 0.5
+    assert -lead < arena.config.margin + arena.config.z * unpaired  # unpaired: no promotion
+    assert arena.report()["models"]["worse"]["lead_over_champion"] == {"lead": lead, "se": se}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paired_equal_models_never_flip_flop(seed: int) -> None:
+    arena = arena_of(("a", "a"), ("b", "b"), metric="recent_log_loss")
+    feed_shared_error(arena, 30_000, seed=seed, extra={"a": 0.5, "b": 0.5})
+    assert len(arena.promotions) == 0, list(arena.promotions)
+    assert arena.lead("b") is not None
+
+
 def test_a_model_wrong_about_buyers_is_not_promoted_for_being_right_about_silent_ones():
     """Strata: 90% of the labels come from silent customers, where "pooled" is sharp; at
     purchases it is confidently wrong. Pooled over all labels it measures better than
@@ -247,13 +285,15 @@ def test_an_arena_snapshotted_before_the_strata_resumes_with_empty_ones() -> Non
     arena = arena_of(("weak", "w"), ("good", "g"), evaluate_every=200)
     feed(arena, 500, seed=9, noise={"w": 3.0, "g": 0.3})
     state = dict(arena.__dict__)
-    del state["strata"], state["clock_us"]  # what a snapshot of the previous version holds
+    del state["strata"], state["clock_us"], state["pairs"]  # a snapshot from before them
     old = ChurnArena.__new__(ChurnArena)
     old.__setstate__(state)
     assert {k: m.labels for k, m in old.strata["good"].items()} == {"purchase": 0,
                                                                     "silence": 0}
+    assert old.pairs == {}
     feed(old, 100, seed=10, noise={"w": 3.0, "g": 0.3})
     assert old.strata["good"]["purchase"].labels == 100 and old.metrics["good"].labels == 600
+    assert old.pairs["good", "weak"]["purchase"].labels == 100
 
 
 def test_config_and_champion_are_checked() -> None:
