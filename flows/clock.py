@@ -20,7 +20,15 @@ from bytewax.operators import StatefulBatchLogic
 
 from crmscore.layout import RedisLayout
 from flows.redis_sink import VersionedDoc
-from flows.timers import BUCKET_US, OpenBuckets, Registration, Rescore, RescoreAll, Wake
+from flows.timers import (
+    BUCKET_US,
+    Cancel,
+    OpenBuckets,
+    Registration,
+    Rescore,
+    RescoreAll,
+    Wake,
+)
 from flows.watermark import IDLE_SECONDS, Watermark
 from models.transaction import format_time
 
@@ -64,7 +72,7 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
     return Counts(applied, duplicate, rejected, clock, tuple(newest.items()))
 
 
-class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]):
+class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, Any, bytes]):
     """Sums outcome counts into the pipeline status; keeps the stream clock; routes
     wake-up registrations (due ones fire at once), ticks the timer buckets, and passes a
     change of the served model to every open bucket (flows/timers.py, Promotions)."""
@@ -85,7 +93,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
         self.rescore_version = 0
         self.rescore_rate = rescore_rate  # registrations a second; 0: all at once
 
-    def on_batch(self, values: list[Counts | Registration | Rescore]
+    def on_batch(self, values: list[Counts | Registration | Cancel | Rescore]
                  ) -> tuple[list[Any], bool]:
         counts = [v for v in values if isinstance(v, Counts)]
         self.totals = sum_counts(counts, self.totals)
@@ -101,6 +109,10 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Rescore, Any, bytes]
                     out.append(r.wake())
                 else:
                     out.append(self.buckets.route(r))
+            elif isinstance(r, Cancel):
+                routed = self.buckets.cancel(r)
+                if routed is not None:
+                    out.append(routed)
             elif isinstance(r, Rescore):
                 self.rescore_version = max(self.rescore_version, r.bundle_version)
                 out += self._rescore_all(r.bundle_version)

@@ -7,9 +7,10 @@
       -> customers (key: customer id)    exact state, stage, churn label, due instant
            -> score documents -> Redis   (compare-and-set, never backwards)
            -> refused events  -> dead-letter topic
-           -> outcome counts + wake-up registrations -> clock (one key)
+           -> outcome counts + wake-up registrations (+ cancels) -> clock (one key)
                 -> pipeline status -> Redis
-                -> ticks + registrations -> timer buckets (key: hour) -> timers topic
+                -> ticks + registrations + cancels -> timer buckets (key: hour)
+                     -> timers topic
            -> matured labels + population rows (+ counts) -> models (one key)
                 -> model bundle + report -> Redis -> read back by customers (model_registry)
            -> alerts (live) -> alerts topic
@@ -52,6 +53,7 @@ from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
 from flows.timers import (
+    Cancel,
     Registration,
     Rescore,
     TimerBucketLogic,
@@ -210,6 +212,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         if applied or changed:
             emitted.append(self._document(customer, bundle, out))
         customer.register(bundle, out)
+        emitted += [Cancel(*c) for c in out.cancellations]
         emitted += [Registration(*r, bundle.version) for r in out.registrations]
         emitted += out.labels
         emitted += out.population[-1:]  # the newest row replaces the older ones anyway
@@ -392,8 +395,9 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
         lambda resume: CustomerLogic(resume, bundles, layout, rules, rewrite, compress),
     )
     results = op.key_rm("drop_customer_key", results)
-    scores, refused_late, counts, registrations, alerts, outcomes, learning = split(
-        "customer_out", results, VersionedDoc, Refused, Counts, Registration, Alert, Outcome)
+    scores, refused_late, counts, registrations, cancels, alerts, outcomes, learning = split(
+        "customer_out", results, VersionedDoc, Refused, Counts, Registration, Cancel, Alert,
+        Outcome)
     # learning: LabeledExample | PopulationRow; counts: Counts (the models step's clock)
 
     live = op.filter("live_alerts", alerts, is_published)
@@ -430,7 +434,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     model_docs, rescores = split("models_out", op.key_rm("drop_models_key", models),
                                  VersionedDoc)
 
-    clock_in = op.merge("clock_in", counts, registrations, rescores)
+    clock_in = op.merge("clock_in", counts, registrations, cancels, rescores)
     clock_out = op.stateful_batch(
         "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
         lambda resume: ClockLogic(resume, layout, settings.rescore_rate,

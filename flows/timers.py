@@ -5,6 +5,12 @@ customer must turn at risk when the *stream's* clock passes their due instant. S
 wake-ups go round through Kafka, as a timer topic:
 
 1. The customers step asks to be woken: a :class:`Registration` (customer, due instant).
+   When an event moves its next due instant, it also sends a :class:`Cancel` for the
+   registration that instant replaces: the bucket drops it, so its wake-up does not go
+   round the timers topic to find nothing due (7% of a replay's wake-ups, 9.7k of 135.5k
+   on the generator's stream; live, where wake-ups are not overtaken by the customer's
+   next event, most of those that find nothing). A cancel that comes too late (its hour
+   already fired) is dropped, and the wake-up it meant to stop is harmless.
 2. The single clock step (it also keeps the pipeline status) knows the stream clock. A
    registration already due fires at once; any other goes to the timer bucket of its
    hour, a small key of the ``timers`` step. When the clock passes the end of an hour
@@ -29,7 +35,7 @@ events (at 300 events/s, 2,000 customers' rescores put freshness p99 at 0.8 s), 
 fixed spread would not scale (5 minutes for a million customers is 3,300 rescores a
 second, twice what the flow scores). A customer rescores at its current
 instant with a bundle at least that new (:meth:`models.scoring.ScoredCustomer.rescore`);
-a second rescore wake (a superseded registration) finds nothing to change. Any batch a
+a second rescore wake (a cancel that came too late) finds nothing to change. Any batch a
 customer gets rescores it too if its score names another model than the bundle in hand.
 A customer scored meanwhile with an older bundle (its process had not read the new one
 yet) was not in a bucket: its next registration names the bundle that scored it, and
@@ -104,6 +110,13 @@ class Wake(NamedTuple):
     bundle_version: int = 0
 
 
+class Cancel(NamedTuple):
+    """From a customer: the registration at ``due_us`` is superseded; its bucket drops it."""
+
+    customer_id: str
+    due_us: int
+
+
 class Rescore(NamedTuple):
     """From the models step to the clock: bundle ``bundle_version`` serves another model."""
 
@@ -141,6 +154,15 @@ class OpenBuckets:
             heapq.heappush(self._heap, hour)
         self._held[hour] += 1
         return str(hour), registration
+
+    def cancel(self, cancel: Cancel) -> tuple[str, Cancel] | None:
+        """The (bucket key, cancel) to send; None when its hour is not open (ticked: the
+        wake-up has fired; or fired at once when registered: it was due then)."""
+        hour = cancel.due_us // BUCKET_US
+        if hour not in self._held:
+            return None
+        self._held[hour] = max(self._held[hour] - 1, 0)
+        return str(hour), cancel
 
     def passed(self, clock_us: int) -> list[tuple[str, Tick]]:
         """A tick for every open hour that ended at or before ``clock_us``."""
@@ -183,33 +205,40 @@ def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> 
 BucketState = tuple[bool, set[Registration]] | tuple[bool, set[Registration], RescoreAll | None]
 
 
-class TimerBucketLogic(StatefulBatchLogic[Registration | Tick | RescoreAll, Wake, BucketState]):
-    """One hour of due instants: holds registrations until its tick, then fires them; on
-    a :class:`RescoreAll`, fires a rescore wake for each at its time and keeps them."""
+class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | RescoreAll, Wake,
+                                           BucketState]):
+    """One hour of due instants: holds registrations until its tick, then fires them; a
+    :class:`Cancel` drops one; on a :class:`RescoreAll`, fires a rescore wake for each at
+    its time and keeps them."""
 
     def __init__(self, resume: BucketState | None) -> None:
-        self.closed, self.held = (False, set()) if resume is None else resume[:2]
+        self.closed = False if resume is None else resume[0]
+        # by (customer, due instant): what a cancel names
+        self.held: dict[tuple[str, int], Registration] = {} if resume is None else {
+            (r.customer_id, r.due_us): r for r in resume[1]}
         self.rescore: RescoreAll | None = None if resume is None or len(resume) < 3 else (
             resume[2])  # type: ignore[misc]
 
-    def on_batch(self, values: list[Registration | Tick | RescoreAll]
+    def on_batch(self, values: list[Registration | Cancel | Tick | RescoreAll]
                  ) -> tuple[list[Wake], bool]:
         fired: list[Wake] = []
         for item in values:
             if isinstance(item, Tick):
                 self.closed = True
-                fired.extend(r.wake() for r in self.held)  # scored with the newest bundle
-                self.held = set()
+                fired.extend(r.wake() for r in self.held.values())  # the newest bundle's
+                self.held = {}
                 self.rescore = None
             elif isinstance(item, RescoreAll):
                 if self.held:  # the newer version, at the earlier of the two times
                     pending = self.rescore or item
                     self.rescore = RescoreAll(max(item.bundle_version, pending.bundle_version),
                                               min(item.fire_at_s, pending.fire_at_s))
+            elif isinstance(item, Cancel):
+                self.held.pop((item.customer_id, item.due_us), None)  # closed: it fired
             elif self.closed:
                 fired.append(item.wake())
             else:
-                self.held.add(item)
+                self.held[item.customer_id, item.due_us] = item
         return fired + self._fire_rescore(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -225,7 +254,7 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Tick | RescoreAll, Wake
             return []
         self.rescore = None
         return [Wake(r.customer_id, r.due_us, bundle_version=rescore.bundle_version)
-                for r in self.held]
+                for r in self.held.values()]
 
     def snapshot(self) -> BucketState:
-        return self.closed, set(self.held), self.rescore
+        return self.closed, set(self.held.values()), self.rescore

@@ -174,6 +174,7 @@ class Outputs:
     labels: list[LabeledExample] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
     registrations: list[tuple[str, int]] = field(default_factory=list)  # (customer, due)
+    cancellations: list[tuple[str, int]] = field(default_factory=list)  # superseded ones
     population: list[PopulationRow] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)  # of alerts followed up
@@ -281,10 +282,15 @@ class ScoredCustomer:
         return True
 
     def register(self, bundle: ModelBundle, out: Outputs) -> None:
-        """Ask to be woken at the next due instant, unless an earlier wake is coming."""
+        """Ask to be woken at the next due instant, and cancel the registration it replaces
+        (an event moved the instant, or the customer sleeps now)."""
         due = self.next_due_us(bundle)
-        if due is not None and (self.registered_us is None or due < self.registered_us):
-            self.registered_us = due
+        if due == self.registered_us:
+            return
+        if self.registered_us is not None:
+            out.cancellations.append((self.customer_id, self.registered_us))
+        self.registered_us = due
+        if due is not None:
             out.registrations.append((self.customer_id, due))
 
     # -- time -----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flows.clock import ClockLogic, Counts
-from flows.timers import BUCKET_US, Registration, Tick, TimerBucketLogic, Wake
+from flows.timers import BUCKET_US, Cancel, Registration, Tick, TimerBucketLogic, Wake
 from models.alert_rules import load_rules
 from models.churn_features import FEATURE_NAMES
 from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer
@@ -88,18 +88,44 @@ def test_a_silent_customer_turns_at_risk_then_churned_and_comes_back_reactivated
                           ("churned", "reactivated")]
 
 
-def test_register_asks_again_only_for_an_earlier_instant():
+def test_register_asks_when_the_instant_moves_and_cancels_the_one_it_replaces():
     customer, out = ScoredCustomer("c"), Outputs()
     customer.apply(purchase(0, 1), EMPTY_BUNDLE, out)
     customer.register(EMPTY_BUNDLE, out)
     assert out.registrations == [("c", 30 * DAY_US)]  # one typical gap, and no longer new
-    customer.apply(purchase(25, 2), EMPTY_BUNDLE, out)  # still due at day 30: no new ask
+    customer.apply(purchase(5, 2), EMPTY_BUNDLE, out)  # a faster rhythm moves the instant
     customer.register(EMPTY_BUNDLE, out)
-    assert len(out.registrations) == 1
-    first = out.registrations[0][1]
-    customer.wake(first, EMPTY_BUNDLE, out)
+    moved = customer.registered_us
+    assert moved is not None and moved < 30 * DAY_US and out.registrations[-1] == ("c", moved)
+    assert out.cancellations == [("c", 30 * DAY_US)]  # its wake-up would find nothing due
+    customer.register(EMPTY_BUNDLE, out)  # the instant has not moved: nothing to send
+    assert len(out.registrations) == 2 and len(out.cancellations) == 1
+    customer.wake(moved, EMPTY_BUNDLE, out)  # woken at its instant: nothing to cancel
     customer.register(EMPTY_BUNDLE, out)
-    assert len(out.registrations) == 2 and out.registrations[1][1] > first
+    assert len(out.registrations) == 3 and out.registrations[-1][1] > moved
+    assert len(out.cancellations) == 1
+
+
+def test_a_cancel_drops_the_registration_it_names_until_the_tick():
+    bucket = TimerBucketLogic(None)
+    bucket.on_batch([Registration("a", 5), Registration("b", 7), Cancel("a", 5),
+                     Cancel("b", 6)])  # not b's instant: b stays
+    resumed = TimerBucketLogic(bucket.snapshot())  # a snapshot is still a set
+    assert resumed.snapshot() == (False, {Registration("b", 7)}, None)
+    fired, _ = resumed.on_batch([Tick(BUCKET_US)])
+    assert fired == [Wake("b", 7)]
+    assert resumed.on_batch([Cancel("b", 7)])[0] == []  # it fired already: nothing to do
+
+
+def test_the_clock_sends_a_cancel_to_its_open_hour_only():
+    from crmscore.layout import RedisLayout
+
+    clock = ClockLogic(None, RedisLayout("t:"))
+    clock.on_batch([Counts(applied=1, clock_us=10 * BUCKET_US + 5),
+                    Registration("a", 11 * BUCKET_US + 1)])
+    out, _ = clock.on_batch([Cancel("a", 11 * BUCKET_US + 1), Cancel("z", 40 * BUCKET_US)])
+    assert out == [("11", Cancel("a", 11 * BUCKET_US + 1))]  # hour 40 was never sent any
+    assert clock.buckets.held() == {11: 0}  # the rescore pacing counts what is left
 
 
 def lived_customer() -> ScoredCustomer:
