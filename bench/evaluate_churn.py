@@ -270,8 +270,9 @@ def main() -> int:
             f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
         strata = m.get("strata", {})
         print(f"           promotion metric {m.get('promotion_metric')}; " + "  ".join(
-            f"{kind} {s['matured_labels']} labels, recent log loss "
-            f"{s['metrics']['recent_log_loss']:.4f} +- {s['metrics']['recent_log_loss_se']:.4f}"
+            f"{kind} {s['matured_labels']} labels ({s['metrics']['positives']} churned), log "
+            f"loss {s['metrics']['log_loss']:.4f}, recent {s['metrics']['recent_log_loss']:.4f}"
+            f" +- {s['metrics']['recent_log_loss_se']:.4f}"
             for kind, s in strata.items() if s["metrics"]["recent_log_loss"] is not None)
             + f"; lead over the champion {m.get('lead_over_champion')}")
     print(f"{'score':34s} {'AUC stopped':>12s} {'AUC no-buy-90d':>15s}")
