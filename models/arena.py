@@ -300,6 +300,10 @@ class ChurnArena:
         se = sum((pair[kind].se or 0.0) ** 2 for kind in shared) ** 0.5 / len(shared)
         return lead, se
 
+    def _lead_report(self, name: str) -> dict[str, float] | None:
+        lead = self.lead(name)
+        return None if lead is None else {"lead": lead[0], "se": lead[1]}
+
     def evaluate(self, at_us: int) -> str | None:
         """One promotion evaluation; returns the new champion's name if one was promoted."""
         self.evaluations += 1
@@ -366,8 +370,3 @@ class ChurnArena:
                 for name in self.models
             },
         }
-
-
-    def _lead_report(self, name: str) -> dict[str, float] | None:
-        lead = self.lead(name)
-        return None if lead is None else {"lead": lead[0], "se": lead[1]}

@@ -265,8 +265,9 @@ class PairedDifference:
         self.weight = w * self.growth
         if self.weight > _RESCALE_AT:
             s = 1.0 / self.weight
-            self.sum, self.sq_sum, self.weight_sum = self.sum * s, self.sq_sum * s, \
-                self.weight_sum * s
+            self.sum *= s
+            self.sq_sum *= s
+            self.weight_sum *= s
             self.weight = 1.0
 
     @property

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from models.churn_metrics import DelayedLabelMetrics, binned_auc
+from models.churn_metrics import DelayedLabelMetrics, PairedDifference, binned_auc
 from tests.test_churn_e2e import exact_auc
 
 
@@ -83,3 +83,11 @@ def test_auc_is_undefined_until_both_classes_are_seen() -> None:
     m.update(0.7, 1, at_us=2)
     assert m.auc == 1.0
     assert binned_auc([1.0, 0.0], [1.0, 0.0]) == 0.5  # same bin: a tie
+
+
+def test_a_paired_difference_rescales_and_stays_finite() -> None:
+    d = PairedDifference(half_life=5)  # the weight overflows every ~2,500 differences
+    for i in range(20_000):
+        d.update(0.1 if i % 2 else -0.1)
+    assert d.mean == pytest.approx(0.0, abs=0.02) and math.isfinite(d.se) and d.se > 0
+    assert d.labels == 20_000 and pickle.loads(pickle.dumps(d)).mean == d.mean
