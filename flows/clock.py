@@ -106,7 +106,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
                 if 0 < r.bundle_version < self.rescore_version:
                     out.append(Wake(r.customer_id, 0, bundle_version=self.rescore_version))
                 if clock is not None and r.due_us <= clock:
-                    out.append(r.wake())
+                    out.append(r.wake(clock))
                 else:
                     out.append(self.buckets.route(r))
             elif isinstance(r, Cancel):

@@ -43,6 +43,18 @@ the clock sends it a rescore wake at once. Customers without a registration (asl
 ``max_silence_days``) keep their score. The cost is one wake-up per waiting customer per
 change of the served model.
 
+**Chains.** A silent customer's instants form a chain: each is registered only once the
+one before it is processed. When the stream clock runs far ahead (a replay at full
+speed), every link would cost a round trip through the timers topic, one instant per
+trip. So a wake-up carries the clock that fired it, when that is later than its due
+instant, and the customer processes every instant up to it, as it would on an event
+of that time (:meth:`models.scoring.ScoredCustomer.wake`): the same instants in the same
+order, in one trip. Before (until session 15), replaying the generator's stream took
+126k wake-ups (49k now), and they trailed the events so far that the silent instants of
+event days 100-200 were processed a median 131 s into a 162 s replay (their events ~14 s
+in), by models trained far beyond them: that flattered the learned churn model
+(docs/design.md, "Wake-ups in a replay").
+
 Every part is recovered with the flow's snapshots, and the topic round trip is
 at-least-once: a repeated or stale wake-up is harmless, because a customer only
 processes due instants it computed itself (:meth:`models.scoring.ScoredCustomer.wake`).
@@ -95,8 +107,13 @@ class Registration(NamedTuple):
     due_us: int
     bundle_version: int = 0
 
-    def wake(self) -> Wake:
-        return Wake(self.customer_id, self.due_us)
+    def wake(self, clock_us: int | None = None) -> Wake:
+        """The wake-up, up to the stream clock that fired it (if later than the due
+        instant): the customer then processes every instant the clock has passed, not
+        only this one (see "Chains", above)."""
+        if clock_us is None or clock_us < self.due_us:
+            return Wake(self.customer_id, self.due_us)
+        return Wake(self.customer_id, clock_us)
 
 
 class Wake(NamedTuple):
@@ -225,7 +242,7 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | Rescore
         for item in values:
             if isinstance(item, Tick):
                 self.closed = True
-                fired.extend(r.wake() for r in self.held.values())  # the newest bundle's
+                fired.extend(r.wake(item.clock_us) for r in self.held.values())
                 self.held = {}
                 self.rescore = None
             elif isinstance(item, RescoreAll):

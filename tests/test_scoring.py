@@ -106,6 +106,39 @@ def test_register_asks_when_the_instant_moves_and_cancels_the_one_it_replaces():
     assert len(out.cancellations) == 1
 
 
+def test_a_wake_up_fired_late_processes_the_whole_chain_of_instants_up_to_the_clock():
+    """A silent customer's instants are registered one after the other; when the clock
+    is far ahead (a replay), one wake-up carries it and the customer processes every
+    instant up to it, as the same wake-ups one by one would have."""
+    from crmscore.layout import RedisLayout
+
+    def silent_customer() -> ScoredCustomer:
+        customer, out = ScoredCustomer("c"), Outputs()
+        for i, day in enumerate((0, 10, 20, 30)):
+            customer.apply(purchase(day, i), EMPTY_BUNDLE, out)
+        customer.register(EMPTY_BUNDLE, out)
+        return customer
+
+    chained, one_by_one = silent_customer(), silent_customer()
+    first = chained.registered_us
+    clock_us = 400 * DAY_US
+    clock = ClockLogic(None, RedisLayout("t:"))
+    out, _ = clock.on_batch([Counts(applied=1, clock_us=clock_us), Registration("c", first)])
+    (wake,) = [o for o in out if isinstance(o, Wake)]
+    assert wake == Wake("c", clock_us)
+    chained_out, step_out = Outputs(), Outputs()
+    chained.wake(wake.due_us, EMPTY_BUNDLE, chained_out)
+    trips = 0
+    while one_by_one.registered_us is not None and one_by_one.registered_us <= clock_us:
+        one_by_one.wake(one_by_one.registered_us, EMPTY_BUNDLE, step_out)
+        one_by_one.register(EMPTY_BUNDLE, step_out)
+        trips += 1
+    assert trips >= 5  # the round trips a wake-up per instant would have cost
+    assert chained.as_of_us == one_by_one.as_of_us and chained.stage == one_by_one.stage
+    assert chained_out.transitions == step_out.transitions
+    assert chained_out.labels == step_out.labels and chained_out.labels
+
+
 def test_a_cancel_drops_the_registration_it_names_until_the_tick():
     bucket = TimerBucketLogic(None)
     bucket.on_batch([Registration("a", 5), Registration("b", 7), Cancel("a", 5),
@@ -113,7 +146,7 @@ def test_a_cancel_drops_the_registration_it_names_until_the_tick():
     resumed = TimerBucketLogic(bucket.snapshot())  # a snapshot is still a set
     assert resumed.snapshot() == (False, {Registration("b", 7)}, None)
     fired, _ = resumed.on_batch([Tick(BUCKET_US)])
-    assert fired == [Wake("b", 7)]
+    assert fired == [Wake("b", BUCKET_US)]  # up to the clock that ticked it
     assert resumed.on_batch([Cancel("b", 7)])[0] == []  # it fired already: nothing to do
 
 
@@ -188,7 +221,7 @@ def test_timer_bucket_holds_until_its_tick_then_fires_late_registrations_at_once
     bucket = TimerBucketLogic(None)
     assert bucket.on_batch([Registration("a", 5), Registration("b", 7)])[0] == []
     fired, _ = bucket.on_batch([Tick(BUCKET_US)])
-    assert sorted(fired) == [Wake("a", 5), Wake("b", 7)]
+    assert sorted(fired) == [Wake("a", BUCKET_US), Wake("b", BUCKET_US)]  # up to the tick
     resumed = TimerBucketLogic(bucket.snapshot())
     assert resumed.on_batch([Registration("c", 9)])[0] == [Wake("c", 9)]
 
@@ -206,7 +239,7 @@ def test_clock_fires_due_registrations_and_ticks_the_passed_hours_holding_some()
     out, _ = clock.on_batch([Registration("b", 10 * BUCKET_US),  # already due
                              Registration("c", 13 * BUCKET_US + 1),
                              Counts(applied=1, clock_us=12 * BUCKET_US + 3)])
-    assert Wake("b", 10 * BUCKET_US) in out
+    assert Wake("b", 12 * BUCKET_US + 3) in out  # due at hour 10: woken up to the clock
     assert ("13", Registration("c", 13 * BUCKET_US + 1)) in routed(out)
     assert [k for k, v in routed(out) if isinstance(v, Tick)] == ["11"]  # 10 and 12 held none
     resumed = ClockLogic(clock.snapshot(), RedisLayout("t:"))
@@ -376,7 +409,7 @@ def test_a_rescore_reaches_every_registration_held_and_keeps_them():
     assert [decode_wake(*encode_wake(w)) for w in sorted(fired)] == [
         Wake("a", 0, bundle_version=7), Wake("b", 0, bundle_version=7)]
     fired, _ = bucket.on_batch([Tick(BUCKET_US)])  # still held: they fire on time too
-    assert sorted(fired) == [Wake("a", 5), Wake("b", 7)]
+    assert sorted(fired) == [Wake("a", BUCKET_US), Wake("b", BUCKET_US)]
     assert bucket.on_batch([RescoreAll(8)])[0] == []  # a closed bucket holds nobody
 
 
