@@ -48,6 +48,10 @@ from crmscore.settings import Settings
 
 DAY_S = 86_400.0
 HORIZON_DAYS = 90.0
+# Seconds without a new score version, after the last event, before the replay counts as
+# done. 8 was too short once a silent customer's instants come in one wake-up: a CDNOW
+# replay went quiet that long with instants still due, and was read 76 days behind.
+QUIET_S = 30.0
 
 
 def epoch(text: str) -> float:
@@ -113,12 +117,13 @@ def run_flow(settings_env: dict[str, str], lines: list[bytes]) -> dict:
             state = (st.get("events_consumed"), score_versions(conn, layout))
             if state != previous:
                 previous, quiet_since = state, time.monotonic()
-            elif st.get("events_consumed") == len(lines) and time.monotonic() - quiet_since > 8:
+            elif (st.get("events_consumed") == len(lines)
+                  and time.monotonic() - quiet_since > QUIET_S):
                 break
             if flow.poll() is not None:
                 raise SystemExit(f"the flow exited with {flow.returncode}")
             time.sleep(1.0)
-        print(f"flow: {len(lines):,} events in {time.monotonic() - started - 8:.0f} s")
+        print(f"flow: {len(lines):,} events in {time.monotonic() - started - QUIET_S:.0f} s")
         docs = {}
         for key in conn.scan_iter(match=layout.score_pattern(), count=1000):
             doc = conn.hget(key, "doc")
