@@ -57,6 +57,17 @@ def effective_labels(labels: int, growth: float) -> float:
     return min(float(labels), (1.0 + r) / (1.0 - r))
 
 
+def decayed_se(total: float, sq_total: float, weight_total: float,
+               effective: float) -> float | None:
+    """Standard error of the decayed mean ``total / weight_total`` (weighted sums of the
+    values and of their squares) resting on ``effective`` labels; None with no weight."""
+    if not weight_total:
+        return None
+    mean = total / weight_total
+    var = sq_total / weight_total - mean * mean
+    return math.sqrt(max(var, 0.0) / max(effective, 1.0))
+
+
 def score_bin(p: float, bins: int = AUC_BINS) -> int:
     """The AUC histogram bin of probability ``p`` (uniform in logit space)."""
     p = min(max(p, EPS), 1.0 - EPS)
@@ -178,11 +189,8 @@ class DelayedLabelMetrics:
     @property
     def recent_log_loss_se(self) -> float | None:
         """Standard error of ``recent_log_loss`` at the effective label count."""
-        mean = self.recent_log_loss
-        if mean is None:
-            return None
-        var = self.recent_log_loss_sq_sum / self.recent_weight_sum - mean * mean
-        return math.sqrt(max(var, 0.0) / max(self.recent_labels, 1.0))
+        return decayed_se(self.recent_log_loss_sum, self.recent_log_loss_sq_sum,
+                          self.recent_weight_sum, self.recent_labels)
 
     @property
     def brier(self) -> float | None:
@@ -276,8 +284,5 @@ class PairedDifference:
 
     @property
     def se(self) -> float | None:
-        mean = self.mean
-        if mean is None:
-            return None
-        var = self.sq_sum / self.weight_sum - mean * mean
-        return math.sqrt(max(var, 0.0) / max(effective_labels(self.labels, self.growth), 1.0))
+        return decayed_se(self.sum, self.sq_sum, self.weight_sum,
+                          effective_labels(self.labels, self.growth))
