@@ -69,6 +69,15 @@ def producer(settings: Settings, **extra: str) -> Producer:
     return Producer(config)
 
 
+def topic_partitions(settings: Settings, topic: str, timeout: float = 15.0) -> frozenset[int]:
+    """The partitions of ``topic`` (none when it does not exist)."""
+    meta = AdminClient(settings.kafka_client_config()).list_topics(topic, timeout=timeout)
+    found = meta.topics.get(topic)
+    if found is None or found.error is not None:
+        return frozenset()
+    return frozenset(found.partitions)
+
+
 def ensure_topics(settings: Settings, topics: list[str], timeout: float = 15.0) -> None:
     """Create missing topics with ``settings.topic_partitions``; existing ones are kept."""
     admin = AdminClient(settings.kafka_client_config())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -44,32 +45,54 @@ UNPARTITIONED = -1
 class Counts(NamedTuple):
     """Outcome counts of some messages; the newest event time among those applied, and
     per partition (``(partition, newest), ...``) the newest among those applied or
-    repeated: how far each partition has been read."""
+    repeated: how far each partition has been read. ``offsets``: per partition, the
+    newest offset counted (any outcome); ``ends``: the newest end of partition reported
+    (flows/kafka_source.py, PartitionEnd) and ``empty`` the partitions whose end came
+    before any message: what tells a partition read in full (flows/watermark.py)."""
 
     applied: int = 0
     duplicate: int = 0
     rejected: int = 0
     clock_us: int | None = None
     partitions: tuple[tuple[int, int], ...] = ()
+    offsets: tuple[tuple[int, int], ...] = ()
+    ends: tuple[tuple[int, int], ...] = ()
+    empty: tuple[int, ...] = ()
 
     def newest_by_partition(self) -> dict[int, int]:
         if self.partitions:
             return dict(self.partitions)
         return {} if self.clock_us is None else {UNPARTITIONED: self.clock_us}
 
+    def observed_by(self, watermark: Watermark) -> None:
+        """Tell ``watermark`` how far each partition has been read."""
+        watermark.update(self.newest_by_partition(), offsets=dict(self.offsets),
+                         ends=dict(self.ends), empty=self.empty)
+
+
+def _newest(pairs: dict[int, int], more: tuple[tuple[int, int], ...]) -> None:
+    for key, value in more:
+        pairs[key] = max(value, pairs.get(key, value))
+
 
 def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
-    applied, duplicate, rejected, clock, _ = start or Counts()
+    applied, duplicate, rejected, clock, *_ = start or Counts()
     newest: dict[int, int] = {}
+    offsets: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    empty: set[int] = set()
     for c in batch:
         applied += c.applied
         duplicate += c.duplicate
         rejected += c.rejected
         if c.clock_us is not None and (clock is None or c.clock_us > clock):
             clock = c.clock_us
-        for partition, at_us in c.partitions:
-            newest[partition] = max(at_us, newest.get(partition, at_us))
-    return Counts(applied, duplicate, rejected, clock, tuple(newest.items()))
+        _newest(newest, c.partitions)
+        _newest(offsets, c.offsets)
+        _newest(ends, c.ends)
+        empty.update(c.empty)
+    return Counts(applied, duplicate, rejected, clock, tuple(newest.items()),
+                  tuple(offsets.items()), tuple(ends.items()), tuple(empty))
 
 
 class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, Any, bytes]):
@@ -78,10 +101,12 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
     change of the served model to every open bucket (flows/timers.py, Promotions)."""
 
     def __init__(self, resume: bytes | None, layout: RedisLayout,
-                 rescore_rate: float = 0.0, idle_seconds: float = IDLE_SECONDS) -> None:
+                 rescore_rate: float = 0.0, idle_seconds: float = IDLE_SECONDS,
+                 partitions: Collection[int] = ()) -> None:
         self.totals, held, self.watermark = ((Counts(), {}, Watermark()) if resume is None
                                              else _clock_state(resume))
         self.watermark.idle_seconds = idle_seconds  # the setting wins over the snapshot's
+        self.watermark.partitions = frozenset(partitions)  # the transactions topic's
         self.buckets = OpenBuckets(held)
         self.layout = layout
         # When to write the status again without new counts: at once when resumed (Redis
@@ -98,7 +123,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
         counts = [v for v in values if isinstance(v, Counts)]
         self.totals = sum_counts(counts, self.totals)
         for c in counts:
-            self.watermark.update(c.newest_by_partition())
+            c.observed_by(self.watermark)
         clock = self.watermark.advance()
         out: list[Any] = []
         for r in values:
@@ -149,7 +174,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
         return out, StatefulBatchLogic.RETAIN
 
     def _status(self) -> VersionedDoc:
-        applied, duplicate, rejected, _, _ = self.totals
+        applied, duplicate, rejected, *_ = self.totals
         clock = self.watermark.clock_us
         consumed = applied + duplicate + rejected
         doc = {

@@ -14,27 +14,111 @@ has its own consumer (bytewax's), and some topics' consumers can be set apart (t
 flow's wake-ups wait longer per fetch). Step ids are those
 of ``bytewax.connectors.kafka.operators.input``, so snapshots of either resume in the
 other. Relies on bytewax internals of the pinned version (pyproject.toml).
+
+*Ends of partitions.* Each time a consumer has read everything its partition held,
+librdkafka says so (``enable.partition.eof``); bytewax takes that as the end of input,
+so it is off when a source tails. Here it is always on, and each end comes out of
+:func:`kafka_input` as a :class:`PartitionEnd` (the next offset to read: the partition's
+end when it was fetched) before bytewax sees it, and only when the source does not tail
+does bytewax then stop the partition. The stream clock uses the ends to tell a partition
+that is caught up from one that merely went silent with events unread
+(flows/watermark.py). The broker's high watermark cannot tell: tansu reports it too low.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeGuard, cast
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaSource
-from bytewax.connectors.kafka import operators as kop
-from bytewax.dataflow import Dataflow, operator
-from confluent_kafka import Consumer
+from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
+from bytewax.dataflow import Dataflow, Stream, operator
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer
+from confluent_kafka import KafkaError as ConfluentError
+
+
+class PartitionEnd(NamedTuple):
+    """A consumer read everything ``topic``'s ``partition`` held: ``offset`` is its end
+    (the next offset to read) as of the fetch that found it. ``first``: the consumer
+    had delivered no message before (the partition held nothing past where this run
+    started reading)."""
+
+    topic: str
+    partition: int
+    offset: int
+    first: bool
+
+
+class _EndError:
+    """The error of an :class:`_EndMessage`: not librdkafka's end-of-partition code, so
+    that bytewax passes it on as a ``KafkaError`` instead of stopping the partition."""
+
+    def __init__(self, end: PartitionEnd) -> None:
+        self.end = end
+
+    def code(self) -> int:
+        return 0  # RD_KAFKA_RESP_ERR_NO_ERROR: never librdkafka's _PARTITION_EOF
+
+    def str(self) -> str:
+        return f"end of partition {self.end.partition} of {self.end.topic} at {self.end.offset}"
+
+
+class _EndMessage:
+    """librdkafka's end-of-partition event, in the shape bytewax reads messages in. Its
+    offset is the last one read, from which bytewax resumes at the next: the end."""
+
+    def __init__(self, eof: Any, first: bool) -> None:
+        self._error = _EndError(PartitionEnd(eof.topic(), eof.partition(), eof.offset(), first))
+
+    def error(self) -> _EndError:
+        return self._error
+
+    def offset(self) -> int:
+        return self._error.end.offset - 1
+
+    def partition(self) -> int:
+        return self._error.end.partition
+
+    def topic(self) -> str:
+        return self._error.end.topic
+
+    def key(self) -> None:
+        return None
+
+    def value(self) -> None:
+        return None
+
+    def headers(self) -> None:
+        return None
+
+    def latency(self) -> None:
+        return None
+
+    def timestamp(self) -> tuple[int, int]:
+        return TIMESTAMP_NOT_AVAILABLE, 0
 
 
 class _NoWaitConsumer:
-    """A consumer whose ``consume`` returns at once with what is buffered."""
+    """A consumer whose ``consume`` returns at once with what is buffered, each end of
+    partition preceded by an :class:`_EndMessage` (and dropped when the source tails)."""
 
-    def __init__(self, consumer: Consumer) -> None:
+    def __init__(self, consumer: Consumer, tail: bool) -> None:
         self._consumer = consumer
+        self._tail = tail
+        self._delivered = False  # a message, in this run
 
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        return self._consumer.consume(num_messages, 0)
+        out: list[Any] = []
+        for msg in self._consumer.consume(num_messages, 0):
+            error = msg.error()
+            if error is not None and error.code() == ConfluentError._PARTITION_EOF:
+                out.append(_EndMessage(msg, first=not self._delivered))
+                if self._tail:
+                    continue
+            elif error is None:
+                self._delivered = True
+            out.append(msg)
+        return out
 
     def close(self) -> None:
         self._consumer.close()
@@ -59,7 +143,7 @@ class NoWaitKafkaSource(KafkaSource):
         """The settings of a partition's consumer ("3-topic" is topic's partition 3)."""
         topic = for_part.split("-", 1)[1]
         return {**self._consumer_config, **self._topic_config.get(topic, {}),
-                **self._add_config}
+                **self._add_config, "enable.partition.eof": "true"}
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> Any:
         # bytewax builds every partition's consumer from ``_add_config``: swap in this
@@ -71,17 +155,41 @@ class NoWaitKafkaSource(KafkaSource):
         finally:
             self._add_config = shared
         # Duck-typed: bytewax's partition calls only consume() and close() on it.
-        part._consumer = _NoWaitConsumer(part._consumer)  # type: ignore[assignment]
+        part._consumer = _NoWaitConsumer(part._consumer, self._tail)  # type: ignore[assignment]
         return part
+
+
+@dataclass(frozen=True)
+class SourceOut:
+    """What :func:`kafka_input` reads: messages, errors and ends of partitions."""
+
+    oks: Stream[KafkaSourceMessage[bytes | None, bytes | None]]
+    errs: Stream[KafkaError[bytes | None, bytes | None]]
+    ends: Stream[PartitionEnd]
+
+
+def _is_message(item: Any) -> TypeGuard[KafkaSourceMessage[bytes | None, bytes | None]]:
+    return isinstance(item, KafkaSourceMessage)
+
+
+def _is_end(err: Any) -> bool:
+    return isinstance(err.err, _EndError)
+
+
+def _end_of(err: KafkaError[bytes | None, bytes | None]) -> PartitionEnd:
+    return err.err.end  # type: ignore[attr-defined,no-any-return]
 
 
 @operator
 def kafka_input(step_id: str, flow: Dataflow, *, brokers: list[str], topics: list[str],
                 tail: bool, add_config: dict[str, str], consumer_config: dict[str, str],
-                topic_config: dict[str, dict[str, str]] | None = None) -> kop.KafkaOpOut:
+                topic_config: dict[str, dict[str, str]] | None = None) -> SourceOut:
     """As ``bytewax.connectors.kafka.operators.input``, from the start of the topics
-    (settings as in :class:`NoWaitKafkaSource`)."""
+    (settings as in :class:`NoWaitKafkaSource`), with the ends of partitions apart."""
     source = NoWaitKafkaSource(brokers, topics, tail, add_config=add_config,
                                raise_on_errors=False, consumer_config=consumer_config,
                                topic_config=topic_config or {})
-    return op.input("kafka_input", flow, source).then(kop._kafka_error_split, "split_err")
+    read = op.branch("split_err", op.input("kafka_input", flow, source), _is_message)
+    errs = cast(Stream[KafkaError[bytes | None, bytes | None]], read.falses)
+    errors: op.BranchOut[Any, Any] = op.branch("split_ends", errs, _is_end)
+    return SourceOut(read.trues, errors.falses, op.map("end_of", errors.trues, _end_of))

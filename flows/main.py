@@ -97,6 +97,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # inside an operator.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGINT, _exit_on_signal)
+    ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,
+                             settings.timers_topic, settings.alerts_topic])
     try:
         flow = build_flow(settings, tail=not args.until_end,
                           on_lost=functools.partial(restart_on_store_lost, settings),
@@ -104,8 +106,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     except (AlertRulesError, ModelRegistryError, ChurnModelsError, DocumentError) as exc:
         log.error("%s", exc)
         return 2
-    ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,
-                             settings.timers_topic, settings.alerts_topic])
     tune_gc()
     recovery = None if args.no_recovery else recovery_config(settings)
     log.info("flow starting: %s", settings.redacted())

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeGuard
@@ -41,14 +41,19 @@ from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
 from crmscore import doc_codec
-from crmscore.clients import CONSUMER_DEFAULTS, SCORING_PREFETCH, redis_client
+from crmscore.clients import (
+    CONSUMER_DEFAULTS,
+    SCORING_PREFETCH,
+    redis_client,
+    topic_partitions,
+)
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
 from flows.clock import UNPARTITIONED, ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink, kafka_output
-from flows.kafka_source import kafka_input
+from flows.kafka_source import PartitionEnd, kafka_input
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
@@ -120,6 +125,18 @@ def parse(msg: Message, max_future_us: int, timers_topic: str,
     return Accepted(parsed, msg)
 
 
+def count_refused(refused: Refused) -> Counts:
+    """The count of a transaction refused before its customer (with where it was read)."""
+    m = refused.msg
+    read = () if m.partition is None or m.offset is None else ((m.partition, m.offset),)
+    return Counts(rejected=1, offsets=read)
+
+
+def count_end(end: PartitionEnd) -> Counts:
+    """A partition read in full, for the stream clock (flows/watermark.py)."""
+    return Counts(ends=((end.partition, end.offset),), empty=(end.partition,) if end.first else ())
+
+
 def is_refused(parsed: Accepted | Refused | Wake) -> TypeGuard[Refused]:
     return isinstance(parsed, Refused)
 
@@ -178,6 +195,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         emitted: list[Any] = []
         applied = duplicate = rejected = 0
         read: dict[int, int] = {}  # partition -> newest event time applied or repeated
+        offsets: dict[int, int] = {}  # partition -> newest offset counted
         changed = False
         for item in values:
             if isinstance(item, Wake):
@@ -189,6 +207,9 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                     changed |= customer.wake(item.due_us, bundle, out, self.rules)
                 continue
             outcome = customer.apply(item.tx, bundle, out, self.rules)
+            if item.msg.partition is not None and item.msg.offset is not None:
+                offsets[item.msg.partition] = max(item.msg.offset,
+                                                  offsets.get(item.msg.partition, -1))
             if outcome is APPLIED or outcome is DUPLICATE:
                 if outcome is APPLIED:
                     applied += 1
@@ -203,7 +224,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                 emitted.append(Refused(outcome, item.msg))
         if applied or duplicate or rejected:
             emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us,
-                                  tuple(read.items())))
+                                  tuple(read.items()), tuple(offsets.items())))
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
             return emitted, StatefulBatchLogic.DISCARD
         # A score naming a model that no longer serves is redone: on a rescore wake, or on
@@ -270,7 +291,8 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
                  publish_seconds: float, refit_days: float, frozen: bool,
-                 challengers: str, idle_seconds: float = IDLE_SECONDS) -> None:
+                 challengers: str, idle_seconds: float = IDLE_SECONDS,
+                 partitions: Collection[int] = ()) -> None:
         if resume is None:
             self.population = Population(config, refit_days=refit_days, challengers=challengers)
             self.watermark = Watermark()
@@ -281,6 +303,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
                 state if isinstance(state, tuple) else (state, Watermark(clock_us=state.clock_us)))
             self.population.use_challengers(challengers)
         self.watermark.idle_seconds = idle_seconds
+        self.watermark.partitions = frozenset(partitions)
         self.layout = layout
         self.throttle = PublishThrottle(publish_seconds, resumed=resume is not None)
         self.frozen = frozen
@@ -295,7 +318,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
             if isinstance(item, PopulationRow):
                 population.observe(item)
             elif isinstance(item, Counts):
-                self.watermark.update(item.newest_by_partition())
+                item.observed_by(self.watermark)
             else:
                 population.learn(item)
         population.advance(self.watermark.advance())
@@ -376,6 +399,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
         log.warning("Redis holds no marker of this flow (a first start, or Redis lost its "
                     "data): customers resumed from a snapshot rewrite their documents")
 
+    # The partitions that hold the stream clock (flows/watermark.py).
+    partitions = topic_partitions(settings, settings.transactions_topic)
     flow = Dataflow("crmscore")
     kafka = kafka_input(
         "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic, timers_topic],
@@ -419,8 +444,11 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # (a malformed wake-up is not a transaction: dead-lettered, not counted).
     refused_transactions = op.filter("refused_transactions", refused_early,
                                      lambda r: r.msg.topic != timers_topic)
-    counts = op.merge("all_counts", counts, op.map("count_refused_early", refused_transactions,
-                                                   lambda _: Counts(rejected=1)))
+    counts = op.merge("all_counts", counts,
+                      op.map("count_refused_early", refused_transactions, count_refused),
+                      op.map("count_ends", op.filter("transaction_ends", kafka.ends,
+                                                     lambda end: end.topic != timers_topic),
+                             count_end))
     # One item per batch, not per customer, crosses to the single clock key.
     counts = op.flat_map_batch("sum_counts", counts, lambda batch: [sum_counts(batch)])
 
@@ -429,7 +457,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
                             lambda _: "models"),
         lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
                                    settings.btyd_refit_days, bundles.frozen,
-                                   settings.churn_models, settings.partition_idle_seconds),
+                                   settings.churn_models, settings.partition_idle_seconds,
+                                   partitions),
     )
     model_docs, rescores = split("models_out", op.key_rm("drop_models_key", models),
                                  VersionedDoc)
@@ -438,7 +467,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     clock_out = op.stateful_batch(
         "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
         lambda resume: ClockLogic(resume, layout, settings.rescore_rate,
-                                  settings.partition_idle_seconds),
+                                  settings.partition_idle_seconds, partitions),
     )
     status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
                                         VersionedDoc, Wake)

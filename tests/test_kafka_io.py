@@ -16,7 +16,7 @@ from crmscore.clients import CONSUMER_DEFAULTS, ensure_topics, producer
 from crmscore.embedded import Server
 from crmscore.settings import Settings
 from flows.kafka_sink import KafkaTopicSink
-from flows.kafka_source import NoWaitKafkaSource, kafka_input
+from flows.kafka_source import NoWaitKafkaSource, PartitionEnd, kafka_input
 from tests.pipeline import read_topic
 
 
@@ -60,9 +60,19 @@ def test_source_reads_every_partition_to_the_end(broker, unique):
                       add_config={}, consumer_config=dict(CONSUMER_DEFAULTS),
                       topic_config={topics[1]: {"fetch.wait.max.ms": "100"}})
     got: list[bytes] = []
+    ends: list[PartitionEnd] = []
     op.output("out", op.map("value", inp.oks, lambda m: m.value), TestingSink(got))
+    op.output("ends", inp.ends, TestingSink(ends))
+    errors: list[object] = []
+    op.output("errs", inp.errs, TestingSink(errors))
     run_main(flow)
     assert sorted(int(v) for v in got) == list(range(30))
+    # Each partition's end, once read: the offset after its last message (ten each), or
+    # 0 for the empty topic's, which had nothing to read. Ends are not errors.
+    assert sorted(ends) == sorted(
+        [PartitionEnd(topics[0], p, 10, False) for p in range(3)]
+        + [PartitionEnd(topics[1], p, 0, True) for p in range(3)])
+    assert errors == []
 
 
 def test_source_gives_a_topics_partitions_their_own_settings():
@@ -70,11 +80,12 @@ def test_source_gives_a_topics_partitions_their_own_settings():
                                add_config={"security.protocol": "SSL"},
                                consumer_config={"fetch.wait.max.ms": "10", "a": "1"},
                                topic_config={"tx-timers": {"fetch.wait.max.ms": "100"}})
+    eof = {"enable.partition.eof": "true"}  # ends of partitions are always reported
     assert source.config_for("3-tx") == {
-        "fetch.wait.max.ms": "10", "a": "1", "security.protocol": "SSL"}
+        "fetch.wait.max.ms": "10", "a": "1", "security.protocol": "SSL", **eof}
     assert source.config_for("0-tx-timers") == {
-        "fetch.wait.max.ms": "100", "a": "1", "security.protocol": "SSL"}
+        "fetch.wait.max.ms": "100", "a": "1", "security.protocol": "SSL", **eof}
     # The user's own settings (CRMSCORE_KAFKA_CONFIG) win.
     mine = NoWaitKafkaSource(["127.0.0.1:9"], ["tx"], True, add_config={"a": "2"},
                              consumer_config={"a": "1"}, topic_config={"tx": {"a": "3"}})
-    assert mine.config_for("0-tx") == {"a": "2"}
+    assert mine.config_for("0-tx") == {"a": "2", **eof}

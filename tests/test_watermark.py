@@ -50,6 +50,40 @@ def test_a_restored_watermark_keeps_its_clock_and_partitions_and_waits_for_them_
     assert restored.advance() == 100
 
 
+def test_a_named_partition_holds_the_clock_until_read_in_full_however_long_it_is_silent():
+    mark = Watermark(idle_seconds=1.0, partitions={0, 1})
+    mark.update({0: 500}, now=0.0, offsets={0: 99}, ends={0: 100})
+    assert mark.advance(now=50.0) is None  # partition 1 never heard from: no clock at all
+    mark.update({1: 100}, now=50.0, offsets={1: 9})
+    assert mark.advance(now=50.1) == 100
+    assert mark.idle_at(now=50.1) is None  # only partition 1 holds, and it is not read in full
+    assert mark.advance(now=500.0) == 100  # silent, with no end: a stall, not caught up
+    mark.update({}, now=500.0, ends={1: 12})  # its end is past what was counted
+    assert mark.advance(now=501.0) == 100
+    mark.update({1: 130}, now=501.0, offsets={1: 11})  # the counts catch up with the end
+    assert mark.advance(now=501.5) == 130
+    assert mark.idle_at(now=501.5) == 502.0
+    assert mark.advance(now=502.0) == 500
+    # A restored watermark knows no offsets: the partitions hold it until they report again.
+    restored = pickle.loads(pickle.dumps(mark))  # heard: now (time.monotonic)
+    restored.partitions = frozenset({0, 1})
+    t = time.monotonic()
+    restored.update({0: 600}, now=t, offsets={0: 120}, ends={0: 121})
+    assert restored.advance(now=t + 100) == 500  # partition 1: no end since the restart
+    restored.update({}, now=t + 100, ends={1: 12}, empty={1})  # nothing new to read there
+    assert restored.advance(now=t + 100) == 600
+
+
+def test_counts_carry_the_newest_offsets_and_ends_of_each_partition():
+    total = sum_counts([Counts(1, offsets=((0, 7), (1, 3))), Counts(offsets=((0, 5),)),
+                        Counts(ends=((0, 8),), empty=(2,)), Counts(ends=((0, 6), (2, 0)))])
+    assert dict(total.offsets) == {0: 7, 1: 3}
+    assert dict(total.ends) == {0: 8, 2: 0} and total.empty == (2,)
+    mark = Watermark(partitions={0, 1, 2})
+    total.observed_by(mark)
+    assert [mark.read_in_full(p) for p in (0, 1, 2)] == [True, False, True]
+
+
 def test_counts_of_a_batch_keep_the_newest_event_time_of_each_partition():
     total = sum_counts([Counts(1, 0, 0, 50, ((0, 50), (1, 20))),
                         Counts(0, 1, 0, None, ((1, 30),)),

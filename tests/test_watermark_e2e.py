@@ -109,3 +109,62 @@ def wait_for_labels(conn: redis.Redis, env: FlowEnv, labels: int,
             return report
         time.sleep(0.2)
     raise AssertionError(f"the model report never counted {labels} labels: {report}")
+
+
+def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, unique, tmp_path):
+    """A partition is caught up when read to its end, not when it stops delivering.
+
+    Partition 1 holds customer Y's year (read in a moment); partition 0 a backlog of
+    30,000 purchases of days 0-59, then X's purchase on day 60. The broker is frozen
+    while partition 0 is being read: its consumer delivers what it had prefetched, then
+    nothing. Two things used to let the clock run to Y's day 200 past partition 0's
+    unread events: partition 1's counts arriving first, before partition 0 was heard
+    from at all (at the start), and partition 0 silent for
+    ``CRMSCORE_PARTITION_IDLE_SECONDS`` with events unread (the freeze; any stall did it:
+    Redis frozen, a long pause of the worker). Both failed this test before the flow
+    named its partitions and used their ends (flows/watermark.py).
+    """
+    from crmscore.embedded import start_broker
+
+    private = start_broker()
+    try:
+        env = FlowEnv(private.address, redis_url, unique, tmp_path / "recovery")
+        settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS="2"))
+        ensure_topics(settings, [env.topic])
+        kafka = producer(settings)
+        backlog = 30_000
+        for i in range(backlog):
+            kafka.produce(env.topic, purchase(f"b{i % 3000}", i * 60 // backlog), b"b",
+                          partition=0)
+            if i % 1000 == 0:
+                kafka.poll(0)
+        kafka.produce(env.topic, purchase("x", 60), b"x", partition=0)
+        for day in (0, 40, 80, 120, 160, 200):
+            kafka.produce(env.topic, purchase("y", day), b"y", partition=1)
+        assert kafka.flush(30) == 0
+        total = backlog + 7
+
+        conn = redis.Redis.from_url(redis_url)
+        proc = env.start_flow(CRMSCORE_PARTITION_IDLE_SECONDS="1.0",
+                              CRMSCORE_MODEL_PUBLISH_SECONDS="0.5")
+        try:
+            st = wait_for_consumed(conn, env.layout, 2_000, proc)
+            private.pause()
+            clocks = []
+            try:
+                deadline = time.monotonic() + 8  # the prefetched messages, then silence
+                while time.monotonic() < deadline:
+                    st = status(conn, env.layout) or st
+                    clocks.append((st["events_consumed"], st["stream_clock"]))
+                    time.sleep(0.1)
+            finally:
+                private.resume()
+            st = wait_for_consumed(conn, env.layout, total, proc)
+        finally:
+            kill(proc)
+    finally:
+        private.stop()
+    stalled = [(n, clock) for n, clock in clocks if n < total]
+    assert stalled, "partition 0 was read in full before the broker froze: nothing shown"
+    assert all(epoch(clock) <= epoch(at(60)) for _, clock in stalled), stalled[-3:]
+    assert st["events_consumed"] == total
