@@ -160,10 +160,14 @@ def score_versions(conn: redis.Redis, layout: RedisLayout) -> int:
     return sum(int(v) for v in pipe.execute() if v is not None)
 
 
-def offline_baselines(docs: dict[str, dict], cut: float) -> dict[str, np.ndarray]:
+def offline_baselines(docs: dict[str, dict], cut: float,
+                      online_pnbd: Mapping[str, float] | None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """lifetimes' BG/NBD and Pareto/NBD fitted on the calibration summaries: each one's
     1 - P(alive) at the cut, and each one's P(no purchase in the horizon) at the cut and at the
-    customer's served ``as_of`` (what the served scores' lag alone costs)."""
+    customer's served ``as_of`` (what the served scores' lag alone costs); and the flow's
+    own Pareto/NBD parameters at the served ``as_of`` (what its fit costs); and lifetimes'
+    Pareto/NBD parameters, to print beside the flow's."""
     from lifetimes import BetaGeoFitter, ParetoNBDFitter
 
     ids = list(docs)
@@ -195,7 +199,9 @@ def offline_baselines(docs: dict[str, dict], cut: float) -> dict[str, np.ndarray
             "bg_no_buy": bg_no_buy(T), "bg_lagged": bg_no_buy(T_served),
             "pnbd_no_buy": pnbd_no_buy(T),
             "pnbd_lagged": paretonbd_no_buy(pnbd.params_, x, t_x, T_served),
-        }
+            "pnbd_online": (np.full(len(x), np.nan) if online_pnbd is None
+                            else paretonbd_no_buy(online_pnbd, x, t_x, T_served)),
+        }, {k: float(v) for k, v in pnbd.params_.items()}
 
 
 def paretonbd_no_buy(params: Mapping[str, float], x: np.ndarray, t_x: np.ndarray,
@@ -255,9 +261,10 @@ def main() -> int:
     risk = np.array([docs[c]["churn_risk"] for c in ids])
     dead = np.array([1 - docs[c]["p_alive"] for c in ids])
     recency = np.array([clock - epoch(docs[c]["last_purchase_at"]) for c in ids])
-    offline = offline_baselines(docs, clock)
-    lag = clock - np.array([epoch(docs[c]["as_of"]) for c in ids])
     report = result["report"]
+    online_pnbd = (report.get("btyd") or {}).get("paretonbd")
+    offline, offline_pnbd = offline_baselines(docs, clock, online_pnbd)
+    lag = clock - np.array([epoch(docs[c]["as_of"]) for c in ids])
     print(f"{len(ids):,} buyers at the cut ({datetime.fromtimestamp(clock):%Y-%m-%d}); "
           f"stopped {stopped.mean():.1%}, no purchase in the next 90 days {no_buy.mean():.1%}")
     print(f"served scores' lag behind the clock (days): median {np.median(lag) / DAY_S:.1f}, "
@@ -288,8 +295,11 @@ def main() -> int:
                     ("BG/NBD P(no buy in 90d)", offline["bg_no_buy"]),
                     ("  the same at each served as_of", offline["bg_lagged"]),
                     ("Pareto/NBD P(no buy in 90d)", offline["pnbd_no_buy"]),
-                    ("  the same at each served as_of", offline["pnbd_lagged"])):
+                    ("  the same at each served as_of", offline["pnbd_lagged"]),
+                    ("  the flow's own fit, at each as_of", offline["pnbd_online"])):
         print(f"{name:34s} {auc(s, stopped):12.4f} {auc(s, no_buy):15.4f}")
+    print(f"Pareto/NBD parameters: the flow's {online_pnbd}; lifetimes' "
+          f"{ {k: round(v, 4) for k, v in offline_pnbd.items()} }")
     print("calibration of churn_risk against no purchase in the next 90 days:")
     print("\n".join(calibration_table(risk, no_buy)))
     return 0
