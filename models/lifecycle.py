@@ -19,10 +19,12 @@ churned        ``t >= L + k2 E`` [k2 = 4]; or ``risk >= churned_churn_risk`` [0.
                ``t >= L + k1 E``; and it stays churned until the customer buys again
 at_risk        ``t >= L + k1 E`` [k1 = 2]; or ``risk >= at_risk_churn_risk`` [0.7] and
                ``t >= L + E``
-reactivated    bought again after being churned (churned stage, or the purchase came after the
-               churn instant ``churn_at_us`` recorded in the previous stage, so a late wake-up
-               changes nothing); lasts ``reactivated_days`` [90] from that purchase, until
-               ``reactivated_purchases`` [2] more purchases or until at risk, then active
+reactivated    bought again after being churned: the purchase came after the churn instant
+               ``churn_at_us`` recorded in the previous stage (or after the previous stage
+               became ``churned``), so a late wake-up changes nothing and a purchase from
+               before it, read late, is no comeback; lasts ``reactivated_days`` [90] from
+               that purchase, until ``reactivated_purchases`` [2] more purchases or until
+               at risk, then active
 new            at most ``new_max_purchases`` [1] purchases, or first purchase within
                ``new_days`` [30] (``t < F + new_days``)
 active         any other buyer
@@ -38,7 +40,11 @@ comparison, so the stage is constant between the instants :func:`next_change_at`
 returns (taking the churn risk as it is): a scheduler wakes the customer exactly then.
 Each :class:`Stage` also remembers when the customer would turn at risk and churned, so a
 purchase that arrives before a due wake-up was processed still yields the same stage
-(e.g. ``reactivated``): replaying at full speed gives the stages of a live run.
+(e.g. ``reactivated``): replaying at full speed gives the stages of a live run. And it
+remembers the stage it replaced: a purchase published late, read after a wake-up that
+changed the stage (a churn, say) but made before it, is judged against the stage that
+held when it was made, so it is no "comeback" and the stage is the one of reading it in
+time (the alerts of the change are out by then: a stream does not take them back).
 
 :func:`lifecycle_stage` is pure: the customer's facts, the clock and the previous
 :class:`Stage` in, the new :class:`Stage` out (the previous one when nothing changed).
@@ -64,7 +70,7 @@ purchase that arrives before a due wake-up was processed still yields the same s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 DAY_US = 86_400_000_000
 
@@ -136,6 +142,8 @@ class Stage(NamedTuple):
     ``risk_at_us`` and ``churn_at_us`` (when the customer would be at risk, churned, if they
     did not buy): as of the latest evaluation. The two instants let a purchase tell what
     the customer had become before it, even if no wake-up was processed in between.
+    ``before``: the stage this one replaced, so that a purchase read after the change
+    but made before it is judged against the stage that held when it was made.
     """
 
     name: str
@@ -144,6 +152,19 @@ class Stage(NamedTuple):
     last_purchase_us: int | None
     risk_at_us: int | None
     churn_at_us: int | None
+    before: Stage | None = None  # the stage this one replaced (one level: no older ones)
+
+    def flat(self) -> tuple[Any, ...]:
+        """Builtins only, for pickling (:meth:`from_flat` is the inverse)."""
+        before = None if self.before is None else tuple(self.before[:6])
+        return (*self[:6], before)
+
+    @classmethod
+    def from_flat(cls, flat: tuple[Any, ...]) -> Stage:
+        name, since, purchases, last, risk_at, churn_at, *rest = flat  # older: no before
+        before = rest[0] if rest else None
+        return cls(name, since, purchases, last, risk_at, churn_at,
+                   None if before is None else cls(*before))
 
 
 def expected_gap_days(facts: Facts, rules: LifecycleRules = DEFAULT_RULES) -> float:
@@ -183,13 +204,18 @@ def _name(facts: Facts, t: int, previous: Stage | None, rules: LifecycleRules,
         if t >= risk_at:
             return AT_RISK
     else:
-        p_name, p_since, p_purchases, p_last, p_risk_at, p_churn_at = previous
+        p_name, p_since, p_purchases, p_last, p_risk_at, p_churn_at, _ = previous
         bought = p_last is None or last > p_last
         if t >= churn_at or (p_name == CHURNED and not bought):
             return CHURNED
         if t >= risk_at:
             return AT_RISK
-        if bought and (p_name == CHURNED or (p_churn_at is not None and last >= p_churn_at)):
+        # The instant the customer churned (or would have, had nobody woken them): a
+        # purchase from before it, read late, is no comeback.
+        churned_at = p_churn_at
+        if p_name == CHURNED:
+            churned_at = p_since if p_churn_at is None else min(p_since, p_churn_at)
+        if bought and churned_at is not None and last >= churned_at:
             if t < last + rules.reactivated_us:
                 return REACTIVATED
         elif (p_name == REACTIVATED
@@ -210,6 +236,12 @@ def lifecycle_stage(facts: Facts, as_of_us: int, previous: Stage | None = None,
         if previous is not None and previous.name == PROSPECT:
             return previous
         return Stage(PROSPECT, as_of_us, 0, None, None, None)
+    if (previous is not None and previous.before is not None
+            and previous.last_purchase_us is not None
+            and previous.last_purchase_us < last < previous.since_us):
+        # A purchase made before the last change, read after it (published late): the
+        # change may not have happened, had it been read in time.
+        previous = previous.before
     _, risk_at, churn_at = _instants(facts, rules)
     name = _name(facts, as_of_us, previous, rules, risk_at, churn_at)
     if previous is not None and previous.name == name and (
@@ -218,10 +250,11 @@ def lifecycle_stage(facts: Facts, as_of_us: int, previous: Stage | None = None,
         if (previous.last_purchase_us == last and previous.risk_at_us == risk_at
                 and previous.churn_at_us == churn_at):
             return previous
-        return Stage(name, previous.since_us, previous.purchases, last, risk_at, churn_at)
+        return previous._replace(last_purchase_us=last, risk_at_us=risk_at, churn_at_us=churn_at)
+    before = None if previous is None else previous._replace(before=None)
     if name == REACTIVATED:  # starts at the purchase that brought the customer back
-        return Stage(name, last, facts.purchase_count, last, risk_at, churn_at)
-    return Stage(name, as_of_us, facts.purchase_count, last, risk_at, churn_at)
+        return Stage(name, last, facts.purchase_count, last, risk_at, churn_at, before)
+    return Stage(name, as_of_us, facts.purchase_count, last, risk_at, churn_at, before)
 
 
 def next_change_at(facts: Facts, as_of_us: int, stage: Stage,

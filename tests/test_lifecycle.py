@@ -82,6 +82,10 @@ CASES = [
      stage(AT_RISK, 74, 5, 40, churn_at=106.67), ACTIVE),
     ("churned buys again", facts(6, 0, 200, 40.0), 200,
      stage(CHURNED, 107, 5, 40, churn_at=106.67), REACTIVATED),
+    ("a purchase from before the churn instant, read after it, is no comeback",
+     facts(6, 0, 100, 20.0), 110, stage(CHURNED, 107, 5, 40, churn_at=106.67), ACTIVE),
+    ("churned, from a snapshot without the churn instant, buys again",
+     facts(6, 0, 200, 40.0), 200, stage(CHURNED, 107, 5, 40), REACTIVATED),
     ("bought after the churn instant although nobody woke the customer",
      facts(6, 0, 150, 30.0), 150, stage(AT_RISK, 74, 5, 40, churn_at=106.67), REACTIVATED),
     ("reactivated shortly after", facts(7, 0, 230, 230 / 6), 240,
@@ -258,3 +262,58 @@ def test_alarms_give_the_same_stages_as_evaluating_every_day(seed: int, risk: fl
     at_purchases = [name for mark, name in zip(marks, daily, strict=True) if mark in purchases]
     assert simulate(purchases, end, "events", risk) == at_purchases
     assert len(set(daily)) >= 4, set(daily)  # the walk is not trivial
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("risk", [None, 0.95])
+@pytest.mark.parametrize("delay_days", [3, 7])
+def test_a_purchase_read_late_gives_the_stage_of_reading_it_on_time(
+        seed: int, risk: float | None, delay_days: int) -> None:
+    """A purchase published late (within the lateness window) may be read after the
+    customer's wake-ups up to the clock were processed, a churn among them: once read,
+    the stage is the one of reading it on time."""
+    rng = np.random.default_rng(seed)
+    t, purchases = 0, []
+    for _ in range(12):
+        t += int(rng.exponential(25 * DAY) * (8 if rng.random() < 0.3 else 1)) + DAY // 3
+        purchases.append(t)
+    delay = delay_days * DAY
+
+    def walk(reads: list[tuple[int, int]], end: int) -> str:
+        """The stage at ``end`` when each purchase (event time) is read at its clock, every
+        wake-up (next_change_at) up to each read and to ``end`` processed."""
+        f = Facts(0, None, None, None, risk)
+        s: Stage | None = None
+        clock, times = 0, []
+        for read_at, at in [*reads, (end, None)]:
+            while s is not None and (alarm := next_change_at(f, clock, s)) is not None \
+                    and alarm <= read_at:
+                clock, s = alarm, lifecycle_stage(f, alarm, s)
+            clock = read_at
+            if at is not None:
+                times = sorted([*times, at])
+                gap = None if len(times) < 2 else (times[-1] - times[0]) / (len(times) - 1) / DAY
+                f = Facts(len(times), times[0], times[-1], gap, risk)
+            s = lifecycle_stage(f, clock, s)
+        assert s is not None
+        return s.name
+
+    checked = 0
+    for i in range(1, len(purchases)):
+        if i + 1 < len(purchases) and purchases[i + 1] <= purchases[i] + delay:
+            continue  # the next purchase comes before the late one is read: another case
+        before = [(p, p) for p in purchases[:i]]
+        end = purchases[i] + delay
+        on_time = walk([*before, (purchases[i], purchases[i])], end)
+        assert walk([*before, (end, purchases[i])], end) == on_time, i
+        checked += 1
+    assert checked >= 5
+
+
+def test_a_stage_and_the_one_it_replaced_round_trip_as_builtins() -> None:
+    churned = lifecycle_stage(regular(), 107 * DAY, stage(AT_RISK, 74, 5, 40))
+    assert churned.name == CHURNED and churned.before is not None
+    assert churned.before.name == AT_RISK and churned.before.before is None  # one level
+    assert Stage.from_flat(churned.flat()) == churned
+    older = tuple(stage(ACTIVE, 45, 5, 40))[:6]  # pickled before ``before`` existed
+    assert Stage.from_flat(older) == stage(ACTIVE, 45, 5, 40)
