@@ -122,6 +122,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
                  ) -> tuple[list[Any], bool]:
         counts = [v for v in values if isinstance(v, Counts)]
         self.totals = sum_counts(counts, self.totals)
+        moves = self.watermark.moves
         for c in counts:
             c.observed_by(self.watermark)
         clock = self.watermark.advance()
@@ -143,7 +144,10 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
                 out += self._rescore_all(r.bundle_version)
         if clock is not None:
             out += self.buckets.passed(clock)
-        if counts:
+        # A new status when something was counted or the clock moved (not for an end of
+        # partition alone: live, one comes after most fetches).
+        if any(c.applied or c.duplicate or c.rejected for c in counts) \
+                or self.watermark.moves != moves:
             out.append(self._status())
         return out, StatefulBatchLogic.RETAIN
 

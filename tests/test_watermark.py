@@ -126,6 +126,19 @@ def test_a_quiet_partition_lets_the_clock_step_move_on_without_new_input():
         "0": format_time(30 * BUCKET_US), "1": format_time(2 * BUCKET_US)}
 
 
+def test_the_clock_step_holds_a_partition_until_its_end_and_writes_no_status_for_an_end():
+    clock = ClockLogic(None, RedisLayout("t:"), idle_seconds=0.0, partitions=(0, 1))
+    out, _ = clock.on_batch([Counts(1, 0, 0, 30 * BUCKET_US, ((0, 30 * BUCKET_US),),
+                                    offsets=((0, 4),), ends=((0, 5),))])
+    assert clock.watermark.clock_us is None  # partition 1 not heard from
+    assert [o for o in out if isinstance(o, VersionedDoc)]  # one event counted: a status
+    out, _ = clock.on_batch([Counts(ends=((1, 0),), empty=(1,))])  # partition 1 is empty
+    assert clock.watermark.clock_us == 30 * BUCKET_US
+    (status,) = [o for o in out if isinstance(o, VersionedDoc)]  # the clock moved
+    out, _ = clock.on_batch([Counts(ends=((0, 5),))])  # the same end again: nothing new
+    assert not [o for o in out if isinstance(o, VersionedDoc)]
+
+
 def test_an_older_clock_snapshot_resumes_with_its_clock():
     older = pickle.dumps((Counts(applied=3, clock_us=100 * BUCKET_US), {100: 1}))
     clock = ClockLogic(older, RedisLayout("t:"))
