@@ -31,9 +31,20 @@ class EmbeddedError(RuntimeError):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: bound all at once, since the system may hand out a port
+    just released again (a cluster node once got its own port as its bus port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -180,16 +191,15 @@ def start_redis_cluster(nodes: int = 3, timeout: float = 30.0) -> LocalCluster:
     workdir = Path(tempfile.mkdtemp(prefix="crmscore-redis-cluster-"))
     cluster = LocalCluster([], workdir)
     try:
-        bus_ports = []
-        for _ in range(nodes):
-            port = free_port()
-            # The cluster bus gets a free port too: the default, port + 10000, may be taken
-            # or above 65535.
-            bus_ports.append(free_port())
+        # The cluster bus gets a free port too: the default, port + 10000, may be taken
+        # or above 65535.
+        ports = free_ports(2 * nodes)
+        node_ports, bus_ports = ports[:nodes], ports[nodes:]
+        for port, bus_port in zip(node_ports, bus_ports, strict=True):
             argv = [
                 redis_binary(), "--bind", "127.0.0.1", "--port", str(port),
                 "--save", "", "--appendonly", "no", "--protected-mode", "no",
-                "--cluster-enabled", "yes", "--cluster-port", str(bus_ports[-1]),
+                "--cluster-enabled", "yes", "--cluster-port", str(bus_port),
                 "--cluster-config-file", str(workdir / f"nodes-{port}.conf"),
             ]
             cluster.nodes.append(_spawn(f"redis-{port}", argv, port, workdir))
