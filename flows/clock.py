@@ -30,7 +30,7 @@ from flows.timers import (
     RescoreAll,
     Wake,
 )
-from flows.watermark import IDLE_SECONDS, Watermark
+from flows.watermark import IDLE_SECONDS, Watermark, keep_newest
 from models.transaction import format_time
 
 # How often an idle flow writes its status anyway: the write that notices, within this
@@ -70,11 +70,6 @@ class Counts(NamedTuple):
                          ends=dict(self.ends), empty=self.empty)
 
 
-def _newest(pairs: dict[int, int], more: tuple[tuple[int, int], ...]) -> None:
-    for key, value in more:
-        pairs[key] = max(value, pairs.get(key, value))
-
-
 def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
     applied, duplicate, rejected, clock, *_ = start or Counts()
     newest: dict[int, int] = {}
@@ -87,9 +82,9 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
         rejected += c.rejected
         if c.clock_us is not None and (clock is None or c.clock_us > clock):
             clock = c.clock_us
-        _newest(newest, c.partitions)
-        _newest(offsets, c.offsets)
-        _newest(ends, c.ends)
+        keep_newest(newest, c.partitions)
+        keep_newest(offsets, c.offsets)
+        keep_newest(ends, c.ends)
         empty.update(c.empty)
     return Counts(applied, duplicate, rejected, clock, tuple(newest.items()),
                   tuple(offsets.items()), tuple(ends.items()), tuple(empty))

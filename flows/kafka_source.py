@@ -59,9 +59,6 @@ class _EndError:
     def code(self) -> int:
         return 0  # RD_KAFKA_RESP_ERR_NO_ERROR: never librdkafka's _PARTITION_EOF
 
-    def str(self) -> str:
-        return f"end of partition {self.end.partition} of {self.end.topic} at {self.end.offset}"
-
 
 class _EndMessage:
     """librdkafka's end-of-partition event, in the shape bytewax reads messages in. Its

@@ -51,10 +51,16 @@ True
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
 IDLE_SECONDS = 2.0  # a partition read continuously delivers far more often than this
+
+
+def keep_newest(into: dict[int, int], pairs: Iterable[tuple[int, int]]) -> None:
+    """Merge ``(partition, value)`` pairs into ``into``, keeping the larger value of each."""
+    for partition, value in pairs:
+        into[partition] = max(value, into.get(partition, value))
 
 
 class Watermark:
@@ -96,10 +102,8 @@ class Watermark:
         for partition, at_us in newest.items():
             self.heard[partition] = now
             self.newest[partition] = max(at_us, self.newest.get(partition, at_us))
-        for partition, offset in (offsets or {}).items():
-            self.counted[partition] = max(offset, self.counted.get(partition, offset))
-        for partition, end in (ends or {}).items():
-            self.ends[partition] = max(end, self.ends.get(partition, end))
+        keep_newest(self.counted, (offsets or {}).items())
+        keep_newest(self.ends, (ends or {}).items())
         self.empty.update(empty)
 
     def read_in_full(self, partition: int) -> bool:
