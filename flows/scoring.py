@@ -196,7 +196,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         applied = duplicate = rejected = 0
         read: dict[int, int] = {}  # partition -> newest event time applied or repeated
         offsets: dict[int, int] = {}  # partition -> newest offset counted
-        changed = False
+        version = customer.version  # the score changed when this did
         for item in values:
             if isinstance(item, Wake):
                 if item.bundle_version:  # the served model changed: rescored below
@@ -204,7 +204,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                 elif item.stale:  # from before a restart: fire it again on this run's clock
                     out.registrations.append((item.customer_id, item.due_us))
                 else:
-                    changed |= customer.wake(item.due_us, bundle, out, self.rules)
+                    customer.wake(item.due_us, bundle, out, self.rules)
                 continue
             outcome = customer.apply(item.tx, bundle, out, self.rules)
             if item.msg.partition is not None and item.msg.offset is not None:
@@ -229,8 +229,8 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
             return emitted, StatefulBatchLogic.DISCARD
         # A score naming a model that no longer serves is redone: on a rescore wake, or on
         # any batch that did not rescore (a wake that only closed an alert's outcome window).
-        changed |= customer.rescore(bundle, out, self.rules)
-        if applied or changed:
+        customer.rescore(bundle, out, self.rules)
+        if customer.version != version:
             emitted.append(self._document(customer, bundle, out))
         customer.register(bundle, out)
         emitted += [Cancel(*c) for c in out.cancellations]
@@ -245,7 +245,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
     def _document(self, customer: ScoredCustomer, bundle: ModelBundle,
                   out: Outputs) -> VersionedDoc:
         cid = customer.customer_id
-        doc = out.doc  # built for the alert rules at the newest instant, if any
+        doc = out.doc  # built for an alert at the newest instant, if any
         if doc is None or doc["version"] != customer.version:
             doc = customer.document(bundle, out)
         self.rewrite = False

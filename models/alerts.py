@@ -1,9 +1,13 @@
 """Alerts: the triggers that fire when a customer changes type, in event time.
 
 The flow calls :func:`detect` after every processed instant of a customer (an applied
-transaction, or a wake-up when the stream clock passes a due instant) with the new score
-document, the lifecycle transitions of that step and the transaction applied (``cause``;
-None for a wake-up). The kinds, first the brief's customer types, then single events:
+transaction, or a wake-up when the stream clock passes a due instant) with the
+:class:`Signals` the rules read of the new score, the lifecycle transitions of that step
+and the transaction applied (``cause``; None for a wake-up). The full score document,
+which every alert carries, is built only for an alert that fires: a replay processes
+~2.3 instants per event, and the document was the costliest part of each.
+
+The kinds, first the brief's customer types, then single events:
 
 =========================  ==============================================================
 kind                       fires when
@@ -37,7 +41,7 @@ file (:func:`models.alert_rules.load_rules`; the packaged default is
 version, the rule, the customer and the event-time instant, so a replay or a restart
 from a snapshot re-emits the same ids. Lifecycle alerts keep their transitions' instants
 even when an event arrived before the wake-up (the scoring catches up), so the ids do not
-depend on how wakes and events interleave. Risk and tier are read from the document, so
+depend on how wakes and events interleave. Risk and tier are read from the signals, so
 call :func:`detect` for every processed instant, in order.
 
 **Holdout.** For each kind a fixed share of customers [10 %], chosen by a hash of kind
@@ -53,12 +57,13 @@ holdout customers. A ``shadow`` rule (``churn_risk.high@shadow_0.6`` beside the 
 ...        "churn_risk": 0.2, "value_tier": "normal", "purchase_count": 4,
 ...        "gross_monetary": 330.0, "strategy": {"name": "cross_sell", "reason": "Cross-sell."}}
 >>> cause = Cause(parse_time(doc["as_of"]), amount=300.0, is_refund=False)
->>> [a.kind for a in detect(memory, rules, doc, [], cause)]  # 300 vs a usual 10
+>>> [a.kind for a in detect(memory, rules, Signals.of(doc), [], cause, lambda: doc)]
 ['purchase.large']
 >>> high = dict(doc, as_of="2026-03-01T00:00:00.000000Z", churn_risk=0.75)
->>> [(a.rule, a.mode) for a in detect(memory, rules, high, [], None)]
+>>> [(a.rule, a.mode) for a in detect(memory, rules, Signals.of(high), [], None, lambda: high)]
 [('churn_risk.high', 'live'), ('churn_risk.high@shadow_0.6', 'shadow')]
->>> detect(memory, rules, dict(high, as_of="2026-05-01T00:00:00.000000Z"), [], None)
+>>> later = dict(high, as_of="2026-05-01T00:00:00.000000Z")
+>>> detect(memory, rules, Signals.of(later), [], None, lambda: later)
 []
 """
 
@@ -66,7 +71,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from models.alert_rules import (
@@ -99,6 +104,29 @@ class Cause(NamedTuple):
     @classmethod
     def of(cls, tx: Transaction) -> Cause:
         return cls(tx.occurred_at_us, tx.amount_micros / MICROS, tx.is_refund)
+
+
+class Signals(NamedTuple):
+    """What the rules read of a customer's score at one instant (money in major units)."""
+
+    customer_id: str
+    as_of_us: int
+    churn_risk: float | None
+    value_tier: str
+    purchase_count: int
+    gross_monetary: float
+    currency: str | None
+    # The last 30 days' (spend, refunds): read for a refund only, so given for one only.
+    refund_window: tuple[float, float] | None = None
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> Signals:
+        """The signals of a score document (tests, and what the fields mean)."""
+        window = doc.get("windows", {}).get(REFUND_WINDOW)
+        return cls(doc["customer_id"], parse_time(doc["as_of"]), doc.get("churn_risk"),
+                   doc["value_tier"], doc["purchase_count"], doc.get("gross_monetary", 0.0),
+                   doc.get("currency"),
+                   None if window is None else (window["spend"], window["refunds"]))
 
 
 class AlertMemory:
@@ -184,9 +212,9 @@ def _lifecycle_hits(rules: AlertRules, transitions: Sequence[Transition]) -> lis
     return hits
 
 
-def _churn_risk_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+def _churn_risk_hits(memory: AlertMemory, rules: AlertRules, signals: Signals,
                      at_us: int) -> list[_Hit]:
-    risk = doc.get("churn_risk")
+    risk = signals.churn_risk
     if risk is None:
         return []
     hits = []
@@ -194,7 +222,7 @@ def _churn_risk_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, A
         if rule.name in memory.disarmed:
             if risk < rule.rearm_below:
                 memory.disarmed -= {rule.name}
-        elif risk >= rule.threshold and doc["purchase_count"] >= rule.min_purchases:
+        elif risk >= rule.threshold and signals.purchase_count >= rule.min_purchases:
             memory.disarmed |= {rule.name}
             hits.append(_Hit(rule, at_us, f"Churn risk rose to {risk:.0%} "
                                           f"(alert level {rule.threshold:.0%}).",
@@ -203,9 +231,9 @@ def _churn_risk_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, A
     return hits
 
 
-def _value_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+def _value_hits(memory: AlertMemory, rules: AlertRules, signals: Signals,
                 at_us: int) -> list[_Hit]:
-    old, new = memory.tier, doc["value_tier"]
+    old, new = memory.tier, signals.value_tier
     memory.tier = new
     if (old == PREMIUM) == (new == PREMIUM):
         return []
@@ -214,16 +242,16 @@ def _value_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
     return [_Hit(rule, at_us, what, {"from": old, "to": new}) for rule in rules.by_kind[kind]]
 
 
-def _purchase_hits(rules: AlertRules, doc: Mapping[str, Any], cause: Cause) -> list[_Hit]:
-    prior = doc["purchase_count"] - 1
+def _purchase_hits(rules: AlertRules, signals: Signals, cause: Cause) -> list[_Hit]:
+    prior = signals.purchase_count - 1
     if prior < 1:
         return []
-    usual = (doc["gross_monetary"] - cause.amount) / prior  # mean of their other purchases
+    usual = (signals.gross_monetary - cause.amount) / prior  # mean of their other purchases
     hits = []
     for rule in rules.by_kind[PURCHASE_LARGE]:
         if (prior >= rule.min_prior_purchases and cause.amount >= rule.min_amount
                 and cause.amount >= rule.factor * usual):
-            currency = doc.get("currency")
+            currency = signals.currency
             what = (f"Large purchase: {_money(cause.amount, currency)}, "
                     f"{cause.amount / usual:.1f}x their usual {_money(usual, currency)}."
                     if usual > 0 else f"Large purchase: {_money(cause.amount, currency)}.")
@@ -233,19 +261,19 @@ def _purchase_hits(rules: AlertRules, doc: Mapping[str, Any], cause: Cause) -> l
     return hits
 
 
-def _refund_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
+def _refund_hits(memory: AlertMemory, rules: AlertRules, signals: Signals,
                  cause: Cause) -> list[_Hit]:
     at = cause.occurred_at_us
     kept = sorted((*memory.refunds, at))
     memory.refunds = tuple(t for t in kept if t > kept[-1] - REFUND_WINDOW_US)[
         -MAX_REFUNDS_KEPT:]
     count = sum(1 for t in memory.refunds if at - REFUND_WINDOW_US < t <= at)
-    window = doc["windows"][REFUND_WINDOW]
-    refunds, spend = window["refunds"], window["spend"]
+    assert signals.refund_window is not None, "a refund's signals carry its window"
+    spend, refunds = signals.refund_window
     hits = []
     for rule in rules.by_kind[REFUND_SPIKE]:
         if count >= rule.min_refunds and refunds >= rule.min_share * spend:
-            currency = doc.get("currency")
+            currency = signals.currency
             hits.append(_Hit(rule, at, f"Refund spike: {count} refunds of "
                                        f"{_money(refunds, currency)} in 30 days against "
                                        f"{_money(spend, currency)} spent.",
@@ -254,31 +282,36 @@ def _refund_hits(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
     return hits
 
 
-def detect(memory: AlertMemory, rules: AlertRules, doc: Mapping[str, Any],
-           transitions: Sequence[Transition] = (), cause: Cause | None = None) -> list[Alert]:
+def detect(memory: AlertMemory, rules: AlertRules, signals: Signals,
+           transitions: Sequence[Transition], cause: Cause | None,
+           document: Callable[[], Mapping[str, Any]]) -> list[Alert]:
     """The alerts of one processed instant of a customer; updates ``memory`` in place.
 
-    ``doc`` is the score document after the step, ``transitions`` the lifecycle changes the
-    step produced, ``cause`` the transaction it applied (None for a wake-up). Lifecycle
-    alerts occur at their transitions' instants, event alerts at the transaction's, and
-    risk and tier alerts at the transaction's or, on a wake-up, at the document's ``as_of``.
+    ``signals`` are the score's after the step, ``transitions`` the lifecycle changes the
+    step produced, ``cause`` the transaction it applied (None for a wake-up);
+    ``document`` builds the score document, called at most once, for an alert that fires.
+    Lifecycle alerts occur at their transitions' instants, event alerts at the
+    transaction's, and risk and tier alerts at the transaction's or, on a wake-up, at the
+    score's ``as_of``.
     """
-    as_of_us = parse_time(doc["as_of"])
+    as_of_us = signals.as_of_us
     at_us = as_of_us if cause is None else cause.occurred_at_us
     hits = _lifecycle_hits(rules, transitions)
-    hits += _churn_risk_hits(memory, rules, doc, at_us)
-    hits += _value_hits(memory, rules, doc, at_us)
+    hits += _churn_risk_hits(memory, rules, signals, at_us)
+    hits += _value_hits(memory, rules, signals, at_us)
     if cause is not None and not cause.is_refund:
-        hits += _purchase_hits(rules, doc, cause)
+        hits += _purchase_hits(rules, signals, cause)
     elif cause is not None:
-        hits += _refund_hits(memory, rules, doc, cause)
-    alerts = []
-    customer_id = doc["customer_id"]
+        hits += _refund_hits(memory, rules, signals, cause)
+    alerts: list[Alert] = []
+    customer_id = signals.customer_id
+    doc: Mapping[str, Any] | None = None
     for rule, at, what, details in hits:
         last = memory.fired.get(rule.name)
         if last is not None and at - last < max(rule.cooldown_us, 1):
             continue  # in cooldown (or a second alert at the same instant)
         memory.fired[rule.name] = at if last is None else max(at, last)
+        doc = document() if doc is None else doc
         alerts.append(Alert(
             alert_id(rules.version, rule.name, customer_id, at), rule.name, rule.kind,
             rule.mode, customer_id, at, as_of_us,

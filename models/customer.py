@@ -39,6 +39,7 @@ from typing import Any
 from models.transaction import DAY_US, MICROS, Rejection, Transaction, format_time
 
 WINDOW_DAYS = (30, 90, 365)
+_WINDOWS = tuple((days, f"{days}d") for days in WINDOW_DAYS)
 APPLIED = "applied"
 DUPLICATE = "duplicate"
 _MIN_SEEN_PRUNE = 64
@@ -177,27 +178,25 @@ class CustomerState:
         return math.sqrt(max(scaled, 0)) / n / DAY_US
 
     def windows(self, as_of_us: int) -> dict[str, dict[str, float]]:
-        """Purchases, spend and refunds in the trailing windows ending at ``as_of_us``."""
-        starts = [as_of_us - days * DAY_US for days in WINDOW_DAYS]  # narrowest first
-        sums = [[0, 0, 0] for _ in WINDOW_DAYS]  # purchases, spend, refunds (micro-units)
-        narrowest = 0  # index of the narrowest window still containing the entry
-        for t, amount, is_refund in reversed(self.recent):  # one pass, newest first
-            if t > as_of_us:
-                continue
-            while narrowest < len(starts) and t <= starts[narrowest]:
-                narrowest += 1
-            if narrowest == len(starts):
-                break
-            for acc in sums[narrowest:]:
+        """Purchases, spend and refunds in the trailing windows ending at ``as_of_us``
+        (each window is (as_of - days, as_of])."""
+        recent = self.recent
+        # (t,) sorts before every (t, amount, is_refund): bisecting finds the first t >= it
+        hi = bisect_left(recent, (as_of_us + 1,))
+        n = spend = refunds = 0  # micro-units, summed from the newest entry back
+        out = {}
+        for days, key in _WINDOWS:  # narrowest first: each wider one adds older entries
+            lo = bisect_left(recent, (as_of_us - days * DAY_US + 1,), 0, hi)
+            for i in range(lo, hi):
+                _, amount, is_refund = recent[i]
                 if is_refund:
-                    acc[2] += amount
+                    refunds += amount
                 else:
-                    acc[0] += 1
-                    acc[1] += amount
-        return {
-            f"{days}d": {"purchases": n, "spend": spend / MICROS, "refunds": refunds / MICROS}
-            for days, (n, spend, refunds) in zip(WINDOW_DAYS, sums, strict=True)
-        }
+                    n += 1
+                    spend += amount
+            hi = lo
+            out[key] = {"purchases": n, "spend": spend / MICROS, "refunds": refunds / MICROS}
+        return out
 
     def document(self, as_of_us: int | None = None) -> dict[str, Any]:
         """The customer's score document (see docs/design.md), as of ``as_of_us``.

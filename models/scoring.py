@@ -41,12 +41,13 @@ from __future__ import annotations
 
 import functools
 import math
+from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
-from models.alert_rules import AlertRules
-from models.alerts import Alert, AlertMemory, Cause, detect
+from models.alert_rules import REFUND_WINDOW, AlertRules
+from models.alerts import Alert, AlertMemory, Cause, Signals, detect
 from models.btyd import PopulationModel
 from models.churn import (
     ChurnModel,
@@ -149,11 +150,27 @@ def _rules(base: LifecycleRules, typical_gap_days: float | None) -> LifecycleRul
     return replace(base, typical_gap_days=typical_gap_days)
 
 
+@functools.lru_cache(maxsize=8)
+def _offsets_us(days: tuple[float, ...]) -> tuple[int, ...]:
+    """``days`` in microseconds, sorted (a config's refresh milestones, bisected)."""
+    return tuple(sorted(round(d * DAY_US) for d in days))
+
+
 class Transition(NamedTuple):
     customer_id: str
     old: str
     new: str
     at_us: int
+
+
+class Value(NamedTuple):
+    """A customer's expected value at an instant, and the tier it puts them in."""
+
+    p_alive: float | None
+    expected_purchases: float | None
+    clv_predicted: float | None
+    expected_total: float | None  # net spend so far + clv_predicted
+    tier: str
 
 
 class PopulationRow(NamedTuple):
@@ -179,7 +196,7 @@ class Outputs:
     population: list[PopulationRow] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)  # of alerts followed up
-    doc: dict[str, Any] | None = None  # the newest score document built
+    doc: dict[str, Any] | None = None  # the newest score document built (for an alert)
 
 
 class ScoredCustomer:
@@ -337,8 +354,9 @@ class ScoredCustomer:
                            if last + m * gap_us > now), None)
             # Fixed milestones only once the customer is overdue (past one expected gap):
             # a regular buyer's score is refreshed by their purchases.
-            fixed = next((last + round(d * DAY_US) for d in cfg.refresh_days
-                          if last + d * DAY_US > max(now, last + gap_us)), None)
+            offsets = _offsets_us(cfg.refresh_days)
+            i = bisect_right(offsets, max(now - last, gap_us))
+            fixed = last + offsets[i] if i < len(offsets) else None
             candidates += [t for t in (rhythm, fixed) if t is not None]
         later = [t for t in candidates if t > now]
         return min(later) if later else None
@@ -375,9 +393,10 @@ class ScoredCustomer:
         out.outcomes += self.followups.mature(now - bundle.config.lateness_us)
         if rules is None:
             return
-        doc = self.document(bundle, out)  # the score this instant's alerts carry
         alerted_before = set(self.alerts.fired)
-        for alert in detect(self.alerts, rules, doc, out.transitions[since:], cause):
+        for alert in detect(self.alerts, rules, self._signals(bundle, cause),
+                            out.transitions[since:], cause,
+                            lambda: self.document(bundle, out)):
             out.alerts.append(alert)
             self.followups.follow(alert, rules.rule(alert.rule).outcome_us,
                                   first=alert.rule not in alerted_before)
@@ -453,12 +472,9 @@ class ScoredCustomer:
         t_x = (s.last_purchase_us - s.first_purchase_us) / DAY_US
         return s.purchase_count - 1, t_x, max((now - s.first_purchase_us) / DAY_US, t_x)
 
-    def document(self, bundle: ModelBundle, out: Outputs) -> dict[str, Any]:
-        """The score document at ``as_of`` (docs/design.md); records the population row."""
+    def _value(self, bundle: ModelBundle) -> Value:
         s, cfg, now = self.state, bundle.config, self.as_of_us
         assert now is not None
-        doc = s.document(now)
-        doc["version"] = self.version
         net, gross = s.net_micros / MICROS, s.gross_micros / MICROS
         p_alive = expected = clv = None
         if bundle.btyd is not None and s.purchase_count > 0:
@@ -467,7 +483,30 @@ class ScoredCustomer:
             p_alive, expected = (float(v) for v in bundle.btyd.alive_and_expected(
                 cfg.clv_horizon_days, x, t_x, T, bundle.value_model))
             clv = expected * float(bundle.btyd.expected_spend(x, spend_mean))
-        expected_value = None if clv is None else net + clv
+        expected_total = None if clv is None else net + clv
+        tier = value_tier(expected_total, bundle.premium_boundary, net, gross, cfg.value)
+        return Value(p_alive, expected, clv, expected_total, tier)
+
+    def _signals(self, bundle: ModelBundle, cause: Cause | None) -> Signals:
+        """What the alert rules read at ``as_of``: the document's figures, without it."""
+        s, now = self.state, self.as_of_us
+        assert now is not None and s.max_event_us is not None
+        refund_window = None
+        if cause is not None and cause.is_refund:
+            window = s.windows(max(now, s.max_event_us))[REFUND_WINDOW]
+            refund_window = (window["spend"], window["refunds"])
+        return Signals(s.customer_id, max(now, s.max_event_us), self.risk,
+                       self._value(bundle).tier, s.purchase_count, s.gross_micros / MICROS,
+                       s.currency, refund_window)
+
+    def document(self, bundle: ModelBundle, out: Outputs) -> dict[str, Any]:
+        """The score document at ``as_of`` (docs/design.md); records the population row."""
+        s, cfg, now = self.state, bundle.config, self.as_of_us
+        assert now is not None
+        doc = s.document(now)
+        doc["version"] = self.version
+        net, gross = s.net_micros / MICROS, s.gross_micros / MICROS
+        p_alive, expected, clv, expected_value, tier = self._value(bundle)
         rfm = doc["rfm"]
         stage = self.stage.name if self.stage is not None else PROSPECT
         segment = None
@@ -476,7 +515,6 @@ class ScoredCustomer:
                               bundle.boundaries.at(now))
             segment = cell.segment
             rfm.update(cell._asdict())
-        tier = value_tier(expected_value, bundle.premium_boundary, net, gross, cfg.value)
         usual_gap = (expected_gap_days(self._facts(self.risk), bundle.rules)
                      if s.purchase_count else None)
         plan = strategy(stage, tier, segment, self.risk, recency_days=rfm["recency_days"],

@@ -26,7 +26,7 @@ from models.alert_rules import (
     load_rules,
     parse_rules,
 )
-from models.alerts import Alert, AlertMemory, Cause, alert_id, detect, holdout_draw
+from models.alerts import Alert, AlertMemory, Cause, Signals, alert_id, detect, holdout_draw
 from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer, Transition
 from models.transaction import DAY_US, MICROS, Transaction, format_time
 
@@ -55,6 +55,12 @@ def doc(day: float, customer: str = "c-1", *, risk: float | None = 0.2, tier: st
         "churn_risk": risk, "lifecycle_stage": stage, "value_tier": tier,
         "strategy": {"name": "cross_sell", "reason": "Cross-sell related products."},
     }
+
+
+def detect_on(memory: AlertMemory, rules: AlertRules, score: dict[str, Any],
+              transitions: list[Transition], cause: Cause | None) -> list[Alert]:
+    """The alerts of a step whose score document is ``score``."""
+    return detect(memory, rules, Signals.of(score), transitions, cause, lambda: score)
 
 
 def buy(day: float, amount: float) -> Cause:
@@ -177,7 +183,7 @@ def test_lifecycle_transitions_alert_at_their_own_instants() -> None:
              Transition("c-1", "at_risk", "churned", 100 * DAY_US),
              Transition("c-1", "new", "active", 30 * DAY_US),
              Transition("c-1", "prospect", "new", 10 * DAY_US)]  # no kind for "new"
-    alerts = detect(memory, NO_COOLDOWN, doc(120, stage="reactivated"), steps, buy(120, 10.0))
+    alerts = detect_on(memory, NO_COOLDOWN, doc(120, stage="reactivated"), steps, buy(120, 10.0))
     assert [(a.kind, a.occurred_at_us // DAY_US) for a in alerts] == [
         ("lifecycle.active", 30), ("lifecycle.at_risk", 66), ("lifecycle.churned", 100),
         ("lifecycle.reactivated", 120)]
@@ -190,15 +196,15 @@ def test_churn_risk_hysteresis_alerts_once_per_excursion() -> None:
     memory = AlertMemory()
     risks = [0.5, 0.72, 0.69, 0.71, 0.65, 0.75, 0.61, 0.7, 0.59, 0.71, 0.7]
     fired = [risk for day, risk in enumerate(risks)
-             if detect(memory, NO_COOLDOWN, doc(day, risk=risk), [], None)]
+             if detect_on(memory, NO_COOLDOWN, doc(day, risk=risk), [], None)]
     assert fired == [0.72, 0.71]  # hovering at 0.7 re-alerts only after dipping below 0.6
 
 
 def test_churn_risk_needs_min_purchases_and_a_risk() -> None:
     memory = AlertMemory()
-    assert detect(memory, NO_COOLDOWN, doc(0, risk=0.9, count=1), [], buy(0, 10.0)) == []
-    assert detect(memory, NO_COOLDOWN, doc(1, risk=None, count=0), [], None) == []
-    alerts = detect(memory, NO_COOLDOWN, doc(2, risk=0.9, count=2), [], None)
+    assert detect_on(memory, NO_COOLDOWN, doc(0, risk=0.9, count=1), [], buy(0, 10.0)) == []
+    assert detect_on(memory, NO_COOLDOWN, doc(1, risk=None, count=0), [], None) == []
+    alerts = detect_on(memory, NO_COOLDOWN, doc(2, risk=0.9, count=2), [], None)
     assert kinds(alerts) == [CHURN_RISK_HIGH]
     assert alerts[0].details == {"churn_risk": 0.9, "threshold": 0.7,
                                  "rearm_below": pytest.approx(0.6)}
@@ -207,11 +213,11 @@ def test_churn_risk_needs_min_purchases_and_a_risk() -> None:
 
 def test_shadow_challenger_fires_at_its_own_threshold() -> None:
     rules, memory = load_rules(None), AlertMemory()
-    alerts = detect(memory, rules, doc(0, risk=0.65), [], None)
+    alerts = detect_on(memory, rules, doc(0, risk=0.65), [], None)
     assert [(a.rule, a.kind, a.mode) for a in alerts] == [
         ("churn_risk.high@shadow_0.6", CHURN_RISK_HIGH, SHADOW)]
     assert alerts[0].to_json()["mode"] == "shadow"
-    assert kinds(detect(memory, rules, doc(1, risk=0.72), [], None)) == [CHURN_RISK_HIGH]
+    assert kinds(detect_on(memory, rules, doc(1, risk=0.72), [], None)) == [CHURN_RISK_HIGH]
 
 
 @settings(max_examples=200, deadline=None)
@@ -219,7 +225,7 @@ def test_shadow_challenger_fires_at_its_own_threshold() -> None:
 def test_churn_risk_alerts_follow_the_hysteresis(risks: list[float]) -> None:
     memory = AlertMemory()
     fired = [i for i, risk in enumerate(risks)
-             if detect(memory, NO_COOLDOWN, doc(i, risk=risk), [], None)]
+             if detect_on(memory, NO_COOLDOWN, doc(i, risk=risk), [], None)]
     assert all(risks[i] >= 0.7 for i in fired)
     for a, b in zip(fired, fired[1:], strict=False):
         assert any(r < 0.7 - 0.1 for r in risks[a:b])  # re-armed in between
@@ -230,11 +236,11 @@ def test_churn_risk_alerts_follow_the_hysteresis(risks: list[float]) -> None:
 def test_value_tier_entered_and_left() -> None:
     memory = AlertMemory()
     tiers = ["normal", "premium", "premium", "low", "normal", "premium"]
-    got = [kinds(detect(memory, NO_COOLDOWN, doc(day, tier=tier), [], None))
+    got = [kinds(detect_on(memory, NO_COOLDOWN, doc(day, tier=tier), [], None))
            for day, tier in enumerate(tiers)]
     assert got == [[], ["value.premium_entered"], [], ["value.premium_left"], [],
                    ["value.premium_entered"]]
-    assert kinds(detect(AlertMemory(), NO_COOLDOWN, doc(0, tier="premium"), [], None)) == [
+    assert kinds(detect_on(AlertMemory(), NO_COOLDOWN, doc(0, tier="premium"), [], None)) == [
         "value.premium_entered"]  # a fresh memory is a customer before any event
 
 
@@ -247,7 +253,7 @@ def test_value_tier_entered_and_left() -> None:
     (1, 300.0, 300.0, False),   # first purchase
 ])
 def test_purchase_large(count: int, gross: float, amount: float, fires: bool) -> None:
-    alerts = detect(AlertMemory(), NO_COOLDOWN, doc(5, count=count, gross=gross), [],
+    alerts = detect_on(AlertMemory(), NO_COOLDOWN, doc(5, count=count, gross=gross), [],
                     buy(5, amount))
     assert kinds(alerts) == ([PURCHASE_LARGE] if fires else [])
 
@@ -255,40 +261,40 @@ def test_purchase_large(count: int, gross: float, amount: float, fires: bool) ->
 def test_purchase_large_at_the_factor_exactly_and_not_for_refunds() -> None:
     rules = rules_with("[kinds.purchase.large]\nmin_amount = 0\n")
     # three earlier purchases of 30 on average
-    assert kinds(detect(AlertMemory(), rules, doc(5, count=4, gross=180.0), [],
+    assert kinds(detect_on(AlertMemory(), rules, doc(5, count=4, gross=180.0), [],
                         buy(5, 90.0))) == [PURCHASE_LARGE]  # 90 = 3 x 30
-    assert kinds(detect(AlertMemory(), rules, doc(5, count=4, gross=179.99), [],
+    assert kinds(detect_on(AlertMemory(), rules, doc(5, count=4, gross=179.99), [],
                         buy(5, 89.99))) == []
-    assert kinds(detect(AlertMemory(), rules, doc(5, count=4, gross=180.0), [],
+    assert kinds(detect_on(AlertMemory(), rules, doc(5, count=4, gross=180.0), [],
                         refund(5, 90.0))) == []
-    alert, = detect(AlertMemory(), rules, doc(5, count=4, gross=180.0), [], buy(5, 90.0))
+    alert, = detect_on(AlertMemory(), rules, doc(5, count=4, gross=180.0), [], buy(5, 90.0))
     assert alert.reason.startswith("Large purchase: 90.00 EUR, 3.0x their usual 30.00 EUR.")
 
 
 def test_refund_spike_needs_the_share_and_the_count() -> None:
     memory = AlertMemory()
     # one refund of the whole month's spend: a return, not a spike
-    assert detect(memory, NO_COOLDOWN, doc(1, spend_30d=100.0, refunds_30d=100.0), [],
+    assert detect_on(memory, NO_COOLDOWN, doc(1, spend_30d=100.0, refunds_30d=100.0), [],
                   refund(1, 100.0)) == []
     # a second one 40 days later: one refund in the last 30 days
-    assert detect(memory, NO_COOLDOWN, doc(41, spend_30d=100.0, refunds_30d=60.0), [],
+    assert detect_on(memory, NO_COOLDOWN, doc(41, spend_30d=100.0, refunds_30d=60.0), [],
                   refund(41, 60.0)) == []
     # a third within 30 days of the second, refunds 60 % of spend: a spike
-    alerts = detect(memory, NO_COOLDOWN, doc(50, spend_30d=200.0, refunds_30d=120.0), [],
+    alerts = detect_on(memory, NO_COOLDOWN, doc(50, spend_30d=200.0, refunds_30d=120.0), [],
                     refund(50, 60.0))
     assert kinds(alerts) == [REFUND_SPIKE]
     assert alerts[0].details["refund_count"] == 2
     # a fourth, but refunds are only 40 % of the month's spend
-    assert detect(memory, NO_COOLDOWN, doc(51, spend_30d=450.0, refunds_30d=180.0), [],
+    assert detect_on(memory, NO_COOLDOWN, doc(51, spend_30d=450.0, refunds_30d=180.0), [],
                   refund(51, 60.0)) == []
 
 
 def test_refund_memory_stays_bounded() -> None:
     memory = AlertMemory()
     for i in range(100):
-        detect(memory, NO_COOLDOWN, doc(i / 10, refunds_30d=1.0), [], refund(i / 10, 1.0))
+        detect_on(memory, NO_COOLDOWN, doc(i / 10, refunds_30d=1.0), [], refund(i / 10, 1.0))
     assert len(memory.refunds) == 16
-    detect(memory, NO_COOLDOWN, doc(400, refunds_30d=1.0), [], refund(400, 1.0))
+    detect_on(memory, NO_COOLDOWN, doc(400, refunds_30d=1.0), [], refund(400, 1.0))
     assert memory.refunds == (400 * DAY_US,)
 
 
@@ -296,17 +302,17 @@ def test_cooldown_per_customer_and_rule() -> None:
     rules, memory = load_rules(None), AlertMemory()  # purchase.large: 7 days
 
     def large(day: float) -> list[str]:
-        return kinds(detect(memory, rules, doc(day, count=4, gross=330.0), [],
+        return kinds(detect_on(memory, rules, doc(day, count=4, gross=330.0), [],
                             buy(day, 300.0)))
 
     assert large(0) == [PURCHASE_LARGE]
     assert large(6.9) == []
     assert large(7.0) == [PURCHASE_LARGE]  # 7 days after the last alert, not the dropped one
     assert large(7.0) == []  # never twice at one instant
-    other = detect(AlertMemory(), rules, doc(7.5, "c-2", count=4, gross=330.0), [],
+    other = detect_on(AlertMemory(), rules, doc(7.5, "c-2", count=4, gross=330.0), [],
                    buy(7.5, 300.0))
     assert kinds(other) == [PURCHASE_LARGE]  # another customer has their own cooldown
-    assert kinds(detect(memory, rules, doc(8, tier="premium"), [], None)) == [
+    assert kinds(detect_on(memory, rules, doc(8, tier="premium"), [], None)) == [
         "value.premium_entered"]  # another rule too
 
 
@@ -314,7 +320,7 @@ def test_a_crossing_during_the_cooldown_is_spent() -> None:
     rules, memory = rules_with("[defaults]\ncooldown_days = 10\n"), AlertMemory()
     risks = {0: 0.8, 1: 0.5, 2: 0.8, 20: 0.8, 21: 0.5, 22: 0.8}
     fired = [day for day, risk in risks.items()
-             if detect(memory, rules, doc(day, risk=risk), [], None)]
+             if detect_on(memory, rules, doc(day, risk=risk), [], None)]
     assert fired == [0, 22]
 
 
@@ -334,7 +340,7 @@ def history(rules: AlertRules, customer: str = "c-1") -> list[Alert]:
          [Transition(customer, "at_risk", "churned", 90 * DAY_US)], None),
     ]
     for d, transitions, cause in steps:
-        alerts += detect(memory, rules, d, transitions, cause)
+        alerts += detect_on(memory, rules, d, transitions, cause)
     return alerts
 
 
@@ -386,7 +392,7 @@ def test_alerts_carry_the_holdout_of_customer_and_kind() -> None:
     rules = load_rules(None)
     held = []
     for i in range(2_000):
-        alerts = detect(AlertMemory(), rules, doc(0, f"c-{i}", risk=0.75), [], None)
+        alerts = detect_on(AlertMemory(), rules, doc(0, f"c-{i}", risk=0.75), [], None)
         live, shadow = alerts
         assert live.holdout == shadow.holdout == (holdout_draw(f"c-{i}", CHURN_RISK_HIGH) < 0.1)
         held.append(live.holdout)
@@ -395,12 +401,12 @@ def test_alerts_carry_the_holdout_of_customer_and_kind() -> None:
 
 def test_memory_pickles_and_carries_on() -> None:
     rules, memory = NO_COOLDOWN, AlertMemory()
-    detect(memory, rules, doc(0, risk=0.8, tier="premium"), [], refund(0, 1.0))
+    detect_on(memory, rules, doc(0, risk=0.8, tier="premium"), [], refund(0, 1.0))
     copy = pickle.loads(pickle.dumps(memory))
     assert copy.__getstate__() == memory.__getstate__()
     later = doc(1, risk=0.5, tier="normal")
-    assert kinds(detect(copy, rules, later, [], None)) == kinds(
-        detect(memory, rules, later, [], None)) == ["value.premium_left"]
+    assert kinds(detect_on(copy, rules, later, [], None)) == kinds(
+        detect_on(memory, rules, later, [], None)) == ["value.premium_left"]
     assert len(pickle.dumps(memory)) < 400
 
 
@@ -419,7 +425,7 @@ def scored_run(with_wakes: bool) -> list[Alert]:
 
     def step(cause: Cause | None) -> None:
         doc = customer.document(EMPTY_BUNDLE, out)
-        alerts.extend(detect(memory, rules, doc, out.transitions, cause))
+        alerts.extend(detect_on(memory, rules, doc, out.transitions, cause))
         out.transitions.clear()
 
     for day in (0, 10, 20, 30):

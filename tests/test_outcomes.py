@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from models.alert_rules import load_rules
-from models.alerts import AlertMemory, detect, holdout_draw
+from models.alerts import AlertMemory, Signals, detect, holdout_draw
 from models.outcomes import (
     MAX_OPEN,
     FollowUps,
@@ -87,7 +87,7 @@ def test_follow_an_alert_from_its_as_of_and_pickle() -> None:
     doc = {"customer_id": "c-1", "as_of": format_time(40 * DAY_US), "churn_risk": 0.8,
            "purchase_count": 3, "value_tier": "normal",
            "strategy": {"name": "churn_prevention", "reason": "Reach out."}}
-    live, shadow = detect(AlertMemory(), rules, doc, [], None)
+    live, shadow = detect(AlertMemory(), rules, Signals.of(doc), [], None, lambda: doc)
     f = FollowUps()
     for alert in (live, shadow):
         assert f.follow(alert, rules.rule(alert.rule).outcome_us)
