@@ -506,7 +506,7 @@ class ScoredCustomer:
         doc = s.document(now)
         doc["version"] = self.version
         net, gross = s.net_micros / MICROS, s.gross_micros / MICROS
-        p_alive, expected, clv, expected_value, tier = self._value(bundle)
+        p_alive, expected, clv, expected_total, tier = self._value(bundle)
         rfm = doc["rfm"]
         stage = self.stage.name if self.stage is not None else PROSPECT
         segment = None
@@ -519,7 +519,7 @@ class ScoredCustomer:
                      if s.purchase_count else None)
         plan = strategy(stage, tier, segment, self.risk, recency_days=rfm["recency_days"],
                         usual_gap_days=usual_gap,
-                        low_cause=low_value_cause(net, gross, expected_value, None, cfg.value),
+                        low_cause=low_value_cause(net, gross, expected_total, None, cfg.value),
                         premium_share=cfg.premium_share,
                         churn_horizon_days=round(cfg.churn_horizon_days))
         doc.update(
@@ -536,7 +536,7 @@ class ScoredCustomer:
                 threshold is None or self.key_hash <= threshold):
             out.population.append(PopulationRow(
                 self.key_hash, s.first_purchase_us, s.last_purchase_us, s.purchase_count,
-                net, expected_value, now))
+                net, expected_total, now))
         out.doc = doc
         return doc
 
