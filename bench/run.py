@@ -92,7 +92,7 @@ class Report:
         lines += ["", "Broker, Redis, flows, servers and clients all run on this machine; "
                   "other work on it skews the figures (see each section's load average). The "
                   "speed probe times a fixed pure-Python loop: the same machine type has run "
-                  "it in 0.43 s and in 1.23 s on one afternoon, and the flow's figures "
+                  "it in 0.34 s and in 1.23 s on one afternoon, and the flow's figures "
                   "follow it.",
                   "", "## Summary", "", "| measurement | figure | target | |", "|---|---|---|---|",
                   *self.summary]
