@@ -489,13 +489,14 @@ class ScoredCustomer:
 
     def _signals(self, bundle: ModelBundle, cause: Cause | None) -> Signals:
         """What the alert rules read at ``as_of``: the document's figures, without it."""
-        s, now = self.state, self.as_of_us
-        assert now is not None and s.max_event_us is not None
+        s = self.state
+        assert self.as_of_us is not None and s.max_event_us is not None
+        as_of = max(self.as_of_us, s.max_event_us)  # as the document's (CustomerState)
         refund_window = None
         if cause is not None and cause.is_refund:
-            window = s.windows(max(now, s.max_event_us))[REFUND_WINDOW]
+            window = s.windows(as_of)[REFUND_WINDOW]
             refund_window = (window["spend"], window["refunds"])
-        return Signals(s.customer_id, max(now, s.max_event_us), self.risk,
+        return Signals(s.customer_id, as_of, self.risk,
                        self._value(bundle).tier, s.purchase_count, s.gross_micros / MICROS,
                        s.currency, refund_window)
 
