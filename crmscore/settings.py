@@ -88,7 +88,8 @@ class Settings:
     # touched in it while new events wait. At 1,000 events/s, with the customers pickled
     # ahead (flows/scoring.py CustomerLogic.snapshot), the freshness p99 was 55-65 ms with
     # 1 s epochs, 48-58 ms with 0.5 s, 42-46 ms with 0.25 s; replay throughput within
-    # noise of each other.
+    # noise of each other. Every epoch also pays a scan of all the keys held (~0.9 µs
+    # each, flows/recovery_scan.py): large populations need a longer interval.
     snapshot_interval: float = _setting(
         0.25, "seconds between state snapshots (bytewax epoch)", above=0
     )
