@@ -26,7 +26,7 @@ from crmscore.clients import ensure_topics
 from crmscore.doc_codec import DocumentError
 from crmscore.settings import Settings
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
-from flows.recovery_scan import log_scan
+from flows.recovery_scan import ScanWatch
 from flows.scoring import build_flow
 from models.alert_rules import AlertRulesError
 from models.churn import ChurnModelsError
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     tune_gc()
     recovery = None if args.no_recovery else recovery_config(settings)
     if recovery is not None:
-        log_scan(Path(settings.recovery_dir), settings.snapshot_interval)
+        ScanWatch(Path(settings.recovery_dir), settings.snapshot_interval).start()
     log.info("flow starting: %s", settings.redacted())
     addresses = args.addresses.split(";") if args.addresses else None
     cli_main(

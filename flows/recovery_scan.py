@@ -10,14 +10,17 @@ every ``CRMSCORE_SNAPSHOT_INTERVAL`` (0.25 s by default, chosen for freshness at
 populations), while new events wait. A flow holding a million customers needs an
 interval of tens of seconds, or its keys spread over more processes and partitions.
 
-:func:`scan` runs the same scan, read-only, and times it; ``crmscore flow`` logs it at
-start, with a warning when it takes more than ``WARN_SHARE`` of the snapshot interval.
+:func:`scan` runs the same scan, read-only, and times it; ``crmscore flow`` runs it at
+start and every 15 minutes (:class:`ScanWatch`), and warns when it takes more than
+``WARN_SHARE`` of the snapshot interval.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -61,26 +64,60 @@ def scan(recovery_dir: Path) -> RecoveryScan:
     keys = superseded = 0
     started = time.perf_counter()
     for path in partitions:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             held, older = db.execute(_SCAN).fetchone()
         keys += held
         superseded += older
     return RecoveryScan(len(partitions), keys, superseded, time.perf_counter() - started)
 
 
-def log_scan(recovery_dir: Path, snapshot_interval_s: float) -> RecoveryScan:
-    """Scan and say what the recovery store will cost each epoch of this run."""
-    found = scan(recovery_dir)
-    share = found.share_of(snapshot_interval_s)
-    message = ("recovery holds %d state keys in %d partition(s); bytewax scans them all at "
-               "the end of every epoch: %.1f ms now, %.0f%% of a %g s snapshot interval, "
-               "growing with the keys")
-    values = (found.keys, found.partitions, found.seconds * 1000, share * 100,
-              snapshot_interval_s)
-    if share > WARN_SHARE:
-        log.warning(message + ": raise CRMSCORE_SNAPSHOT_INTERVAL to %.1f s or more, or "
-                    "run more processes (flows/recovery_scan.py)",
-                    *values, found.interval_for(WARN_SHARE))
-    else:
-        log.info(message, *values)
-    return found
+class ScanWatch:
+    """Times the scan at start and then every ``every_s`` while the flow runs (its keys
+    grow with every new customer): says what it costs at start, and warns when it takes
+    more than ``WARN_SHARE`` of the snapshot interval, again each time that share has
+    doubled since the last warning."""
+
+    def __init__(self, recovery_dir: Path, snapshot_interval_s: float) -> None:
+        self.recovery_dir = recovery_dir
+        self.snapshot_interval_s = snapshot_interval_s
+        self.warned_share = 0.0
+        self.checks = 0
+        self.stopped = threading.Event()
+
+    def check(self) -> RecoveryScan:
+        found = scan(self.recovery_dir)
+        share = found.share_of(self.snapshot_interval_s)
+        message = ("recovery holds %d state keys in %d partition(s); bytewax scans them all "
+                   "at the end of every epoch: %.1f ms now, %.0f%% of a %g s snapshot "
+                   "interval, growing with the keys")
+        values = (found.keys, found.partitions, found.seconds * 1000, share * 100,
+                  self.snapshot_interval_s)
+        if share > WARN_SHARE and share >= 2 * self.warned_share:
+            log.warning(message + ": raise CRMSCORE_SNAPSHOT_INTERVAL to %.1f s or more, or "
+                        "run more processes (flows/recovery_scan.py)",
+                        *values, found.interval_for(WARN_SHARE))
+            self.warned_share = share
+        elif self.checks == 0:
+            log.info(message, *values)
+        self.checks += 1
+        return found
+
+    def start(self, every_s: float = 900.0) -> threading.Thread:
+        """Check now, then every ``every_s`` in a daemon thread (sqlite scans without
+        holding the GIL, so the flow's thread keeps running). A scan that fails is said
+        and does not stop the flow: bytewax reads its store on its own."""
+
+        def check() -> None:
+            try:
+                self.check()
+            except sqlite3.Error as exc:
+                log.warning("could not scan the recovery store %s: %s", self.recovery_dir, exc)
+
+        def watch() -> None:
+            while not self.stopped.wait(every_s):
+                check()
+
+        check()
+        thread = threading.Thread(target=watch, name="recovery-scan", daemon=True)
+        thread.start()
+        return thread

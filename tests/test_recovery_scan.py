@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from flows.recovery_scan import RecoveryScan, log_scan, scan
+from flows.recovery_scan import RecoveryScan, ScanWatch, scan
 
 
 def _count_keys(recovery_dir: Path, customers: int, partitions: int = 1) -> None:
@@ -64,14 +65,40 @@ def test_share_and_interval() -> None:
     assert found.interval_for(0.1) == pytest.approx(9.0)
 
 
-def test_log_warns_when_the_scan_eats_the_interval(
+def test_watch_warns_when_the_scan_eats_the_interval_and_again_when_it_doubles(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     _count_keys(tmp_path, 50)
+    calm, tight = ScanWatch(tmp_path, snapshot_interval_s=1e9), ScanWatch(tmp_path, 1e-9)
     with caplog.at_level(logging.INFO, logger="flows.recovery_scan"):
-        log_scan(tmp_path, snapshot_interval_s=1e-9)
-        log_scan(tmp_path, snapshot_interval_s=1e9)
-    warned, told = caplog.records
+        calm.check()
+        calm.check()  # said once, at start
+        first = tight.check()
+        tight.warned_share = first.share_of(1e-9) * 1e6  # as if it had warned far higher
+        tight.check()  # not twice the last warning: quiet
+    told, warned = caplog.records
+    assert told.levelno == logging.INFO and "state keys" in told.getMessage()
     assert warned.levelno == logging.WARNING
     assert "raise CRMSCORE_SNAPSHOT_INTERVAL" in warned.getMessage()
-    assert told.levelno == logging.INFO
-    assert "state keys" in told.getMessage()
+
+
+def test_watch_checks_again_while_the_flow_runs(tmp_path: Path) -> None:
+    _count_keys(tmp_path, 10)
+    watch = ScanWatch(tmp_path, snapshot_interval_s=1e9)
+    thread = watch.start(every_s=0.01)
+    deadline = time.monotonic() + 10
+    while watch.checks < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    watch.stopped.set()
+    thread.join(5)
+    assert watch.checks >= 3
+    assert not thread.is_alive()
+
+
+def test_a_failed_scan_does_not_stop_the_flow(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "part-0.sqlite3").write_bytes(b"not a database" * 100)
+    watch = ScanWatch(tmp_path, snapshot_interval_s=0.25)
+    with caplog.at_level(logging.WARNING, logger="flows.recovery_scan"):
+        watch.start(every_s=3600).join(0)
+    watch.stopped.set()
+    assert "could not scan the recovery store" in caplog.text
