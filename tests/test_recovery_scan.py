@@ -52,7 +52,7 @@ def test_scan_spans_every_partition(tmp_path: Path) -> None:
     assert found.keys == scan(one).keys  # the same keys, spread over the partitions
 
 
-def test_scan_of_a_running_flows_store_does_not_write(tmp_path: Path) -> None:
+def test_scan_does_not_write_the_store(tmp_path: Path) -> None:
     _count_keys(tmp_path, 10)
     before = {p.name: p.read_bytes() for p in tmp_path.glob("*.sqlite3")}
     scan(tmp_path)
