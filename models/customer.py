@@ -198,14 +198,17 @@ class CustomerState:
             out[key] = {"purchases": n, "spend": spend / MICROS, "refunds": refunds / MICROS}
         return out
 
-    def document(self, as_of_us: int | None = None) -> dict[str, Any]:
-        """The customer's score document (see docs/design.md), as of ``as_of_us``.
-
-        ``as_of_us`` defaults to their newest event; a later instant (the stream clock
-        passing a silent customer's due time) moves recency and the windows on.
-        """
+    def as_of(self, as_of_us: int | None = None) -> int:
+        """The instant a score at ``as_of_us`` describes: never before their newest event
+        (a later instant, the stream clock passing a silent customer's due time, moves
+        recency and the windows on)."""
         assert self.max_event_us is not None, "no event applied yet"
-        as_of = self.max_event_us if as_of_us is None else max(as_of_us, self.max_event_us)
+        return self.max_event_us if as_of_us is None else max(as_of_us, self.max_event_us)
+
+    def document(self, as_of_us: int | None = None) -> dict[str, Any]:
+        """The customer's score document (see docs/design.md), as of :meth:`as_of`."""
+        as_of, newest = self.as_of(as_of_us), self.max_event_us
+        assert newest is not None  # as_of checked it
         last = self.last_purchase_us
         as_of_text = format_time(as_of)  # formatting is the costliest part: reuse it
         return {
@@ -216,8 +219,7 @@ class CustomerState:
             "first_purchase_at": as_of_text if self.first_purchase_us == as_of
             else _time_or_none(self.first_purchase_us),
             "last_purchase_at": as_of_text if last == as_of else _time_or_none(last),
-            "last_event_at": as_of_text if self.max_event_us == as_of
-            else format_time(self.max_event_us),
+            "last_event_at": as_of_text if newest == as_of else format_time(newest),
             "rfm": {
                 "recency_days": None if last is None else (as_of - last) / DAY_US,
                 "frequency": self.purchase_count,

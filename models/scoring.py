@@ -490,8 +490,8 @@ class ScoredCustomer:
     def _signals(self, bundle: ModelBundle, cause: Cause | None) -> Signals:
         """What the alert rules read at ``as_of``: the document's figures, without it."""
         s = self.state
-        assert self.as_of_us is not None and s.max_event_us is not None
-        as_of = max(self.as_of_us, s.max_event_us)  # as the document's (CustomerState)
+        assert self.as_of_us is not None
+        as_of = s.as_of(self.as_of_us)  # the document's
         refund_window = None
         if cause is not None and cause.is_refund:
             window = s.windows(as_of)[REFUND_WINDOW]
