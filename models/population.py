@@ -26,7 +26,6 @@ their own row's instant when that is later (their partition was read ahead).
 from __future__ import annotations
 
 import logging
-import statistics
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
@@ -70,9 +69,8 @@ class Population:
             arena = ChurnArena(self._lineup(challengers), ArenaConfig(metric="recent_log_loss"),
                                champion="bgnbd")
         self.arena = arena
+        # The sample's rows are also the BTYD fits' inputs (first purchase, row instant).
         self.quantiles = PopulationQuantiles(k)
-        # hash -> first and last purchase, purchases, net spend, the row's instant
-        self.btyd_rows: dict[int, tuple[int, int, int, float, int]] = {}
         self.btyd: PopulationModel | None = None
         self.fit_log: list[dict[str, Any]] = []
         self.refit_us = round(refit_days * DAY_US)
@@ -88,7 +86,14 @@ class Population:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.pop("_executor", None)  # snapshots from when fits ran in a thread
+        # Snapshots from when the BTYD inputs were a dict of rows beside the sample.
+        btyd_rows = state.pop("btyd_rows", {})
         self.__dict__.update(state)
+        sampled = self.quantiles.rows() if btyd_rows else {}
+        for key_hash, (first, last, count, net, *seen) in btyd_rows.items():
+            if key_hash in sampled:
+                self.quantiles.update(key_hash, last, count, net, sampled[key_hash][3],
+                                      first_purchase_us=first, seen_us=seen[0] if seen else last)
 
     def _lineup(self, challengers: str) -> dict[str, ChurnModel]:
         horizon = self.config.churn_horizon_days
@@ -110,9 +115,8 @@ class Population:
 
     def observe(self, row: PopulationRow) -> None:
         self.quantiles.update(row.key_hash, row.last_purchase_us, row.purchase_count,
-                              row.net_spend, row.expected_value)
-        self.btyd_rows[row.key_hash] = (row.first_purchase_us, row.last_purchase_us,
-                                        row.purchase_count, row.net_spend, row.as_of_us)
+                              row.net_spend, row.expected_value,
+                              first_purchase_us=row.first_purchase_us, seen_us=row.as_of_us)
         self.version += 1
 
     def advance(self, clock_us: int | None) -> None:
@@ -156,15 +160,11 @@ class Population:
         return self.maybe_refit()
 
     def _fit_inputs(self, clock: int) -> tuple[np.ndarray, ...] | None:
-        # Keep only the customers still in the sample: the rows stay bounded by k.
-        self.btyd_rows = {h: self.btyd_rows[h] for h in self.quantiles.sample_keys()
-                          if h in self.btyd_rows}
-        # Rows of snapshots taken before rows had their instant: at the clock.
-        sampled = [(*row[:4], row[4] if len(row) > 4 else clock) for row in self.btyd_rows.values()]
-        if sum(1 for _, _, n, _, _ in sampled if n > 1) < MIN_REPEAT_BUYERS:
+        cols = self.quantiles.columns()
+        first, last, n, net, seen = (cols[name].astype(float) for name in (
+            "first_purchase_us", "last_purchase_us", "frequency", "monetary", "seen_us"))
+        if int((n > 1).sum()) < MIN_REPEAT_BUYERS:
             return None
-        first, last, n, net, seen = (np.array(col, dtype=float)
-                                     for col in zip(*sampled, strict=True))
         t_x = (last - first) / DAY_US
         T = np.maximum((np.maximum(seen, clock) - first) / DAY_US, t_x)
         return n - 1, t_x, T, np.maximum(net / n, 0.0)
@@ -196,9 +196,13 @@ class Population:
 
     def typical_gap_days(self) -> float | None:
         """Median of the sampled repeat buyers' mean gaps: the lifecycle rules' ``g0``."""
-        gaps = [(row[1] - row[0]) / (row[2] - 1) / DAY_US
-                for row in self.btyd_rows.values() if row[2] > 1 and row[1] > row[0]]
-        return statistics.median(gaps) if len(gaps) >= MIN_REPEAT_BUYERS else None
+        cols = self.quantiles.columns()
+        first, last, n = cols["first_purchase_us"], cols["last_purchase_us"], cols["frequency"]
+        repeat = (n > 1) & (last > first)
+        if int(repeat.sum()) < MIN_REPEAT_BUYERS:
+            return None
+        gaps = (last[repeat] - first[repeat]) / (n[repeat] - 1) / DAY_US
+        return float(np.median(gaps))
 
     def bundle(self) -> ModelBundle:
         """What per-customer scoring needs. It shares the live models, not copies (a deep

@@ -144,7 +144,7 @@ def test_memory_is_bounded_after_a_million_updates() -> None:
     for i in range(1_000_000):
         pq.update(hashes[i % 250_000], T0 + i, i % 13 + 1, float(i % 1000), float(i % 777))
     assert len(pq) == pq.k == 8192
-    assert len(pickle.dumps(pq)) < 8192 * 41 + 1_000  # five 8-byte columns and a header
+    assert len(pickle.dumps(pq)) < 8192 * 57 + 1_000  # seven 8-byte columns and a header
     b = pq.boundaries(T0)
     assert b is not None and b.rank_error == pytest.approx(0.018, abs=5e-4)
 
@@ -177,3 +177,39 @@ def test_invalid_arguments() -> None:
     pq = build(10, customers(5, seed=3))
     with pytest.raises(ValueError):
         pq.quantile("monetary", 0.0)
+
+
+def test_rows_keep_first_purchase_and_instant_for_the_btyd_fits() -> None:
+    pq = PopulationQuantiles(k=2)
+    a, b, c = sorted(customer_hash(x) for x in "abc")
+    pq.update(c, T0, 1, 5.0)  # defaults: both at the last purchase
+    pq.update(a, T0 + 9, 3, 30.0, 7.0, first_purchase_us=T0, seen_us=T0 + 11)
+    pq.update(b, T0 + 2, 2, 20.0, first_purchase_us=T0 + 1, seen_us=T0 + 3)  # evicts c
+    assert pq.rows() == {a: (T0 + 9, 3, 30.0, 7.0, T0, T0 + 11),
+                         b: (T0 + 2, 2, 20.0, None, T0 + 1, T0 + 3)}
+    cols = pq.columns()
+    assert sorted(cols["first_purchase_us"].tolist()) == [T0, T0 + 1]
+    assert sorted(cols["seen_us"].tolist()) == [T0 + 3, T0 + 11]
+    cols["seen_us"][:] = 0  # a copy: the sample is unchanged
+    assert pq.rows()[a][5] == T0 + 11
+
+
+def test_snapshots_of_five_columns_still_load() -> None:
+    """Before the BTYD columns, a snapshot held the key and four dimensions."""
+    items = customers(300, seed=3)
+    pq = build(100, items)
+    k, *blobs = pq.__getstate__()
+    old = PopulationQuantiles.__new__(PopulationQuantiles)
+    old.__setstate__((k, *blobs[:5]))
+    assert old.boundaries(T0) == pq.boundaries(T0)
+    assert {h: row[:4] for h, row in old.rows().items()} == {
+        h: row[:4] for h, row in pq.rows().items()}
+    assert all(row[4] == row[5] == row[0] for row in old.rows().values())
+
+
+def test_the_sample_grows_past_its_first_allocation() -> None:
+    items = customers(5_000, seed=4)
+    pq = build(3_000, items)
+    assert len(pq) == 3_000
+    assert pq.rows() == {h: (last, f, m, v, last, last) for h, last, f, m, v in
+                         sorted(items)[:3_000]}

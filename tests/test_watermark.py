@@ -169,3 +169,26 @@ def test_a_customers_age_in_a_fit_runs_to_the_clock_or_to_their_own_later_row():
     _, t_x, T, _ = population._fit_inputs(100 * DAY_US)
     assert set(t_x) == {10.0}
     assert sorted(set(T)) == [100.0, 150.0]
+
+
+def test_a_population_snapshot_with_btyd_rows_beside_the_sample_resumes_with_them():
+    """Before the sample held the BTYD inputs, a dict of rows beside it did."""
+    population = Population()
+    for h in range(60):
+        population.observe(PopulationRow(
+            key_hash=h, first_purchase_us=h * DAY_US, last_purchase_us=(h + 10) * DAY_US,
+            purchase_count=2 + h % 3, net_spend=20.0 + h, expected_value=float(h),
+            as_of_us=(h + 40) * DAY_US))
+    state = population.__getstate__()
+    k, *blobs = state["quantiles"].__getstate__()
+    old_sample = type(state["quantiles"]).__new__(type(state["quantiles"]))
+    old_sample.__setstate__((k, *blobs[:5]))  # the key and four dimensions only
+    rows = population.quantiles.rows()
+    state.update(quantiles=old_sample, btyd_rows={
+        h: (row[4], row[0], row[1], row[2], *((row[5],) if h % 2 else ()))
+        for h, row in rows.items()})  # the oldest rows had no instant
+    resumed = Population.__new__(Population)
+    resumed.__setstate__(state)
+    assert resumed.quantiles.rows() == {
+        h: (*row[:5], row[5] if h % 2 else row[0]) for h, row in rows.items()}
+    assert resumed.typical_gap_days() == population.typical_gap_days()
