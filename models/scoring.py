@@ -202,10 +202,10 @@ class Outputs:
 class ScoredCustomer:
     """A customer's exact state and time-dependent scores (see the module docstring)."""
 
-    # What a snapshot keeps; ``memo`` (the next rescoring instant) is recomputed.
+    # What a snapshot keeps; the memos (next rescoring instant, value) are recomputed.
     _STATE = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
               "key_hash", "alerts", "followups")
-    __slots__ = (*_STATE, "risk_by", "memo")
+    __slots__ = (*_STATE, "risk_by", "memo", "value_memo")
 
     def __init__(self, customer_id: str) -> None:
         self.state = CustomerState(customer_id)
@@ -220,6 +220,9 @@ class ScoredCustomer:
         self.alerts = AlertMemory()  # what the alert rules remember
         self.followups = FollowUps()  # alerts whose outcome (a purchase?) is being watched
         self.memo: tuple[tuple[int | None, int, int, int], int | None] | None = None
+        # The value at the last instant it was asked for: the alert rules read its tier
+        # and the document then shows it, at the same instant (BTYD expectations, twice).
+        self.value_memo: tuple[tuple[int | None, int, int, int], Value] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled as builtins only (tuples, lists, dicts) behind one function: the flow
@@ -239,7 +242,7 @@ class ScoredCustomer:
         for name, value in zip(self._STATE, state, strict=True):
             object.__setattr__(self, name, value)
         self.risk_by = None
-        self.memo = None
+        self.memo = self.value_memo = None
 
     @property
     def customer_id(self) -> str:
@@ -473,6 +476,16 @@ class ScoredCustomer:
         return s.purchase_count - 1, t_x, max((now - s.first_purchase_us) / DAY_US, t_x)
 
     def _value(self, bundle: ModelBundle) -> Value:
+        """The customer's value at ``as_of``; remembered until the state, ``as_of`` or the
+        bundle changes."""
+        key = (self.as_of_us, self.state.version, id(bundle), bundle.version)
+        if self.value_memo is not None and self.value_memo[0] == key:
+            return self.value_memo[1]
+        value = self._compute_value(bundle)
+        self.value_memo = (key, value)
+        return value
+
+    def _compute_value(self, bundle: ModelBundle) -> Value:
         s, cfg, now = self.state, bundle.config, self.as_of_us
         assert now is not None
         net, gross = s.net_micros / MICROS, s.gross_micros / MICROS
@@ -558,5 +571,5 @@ def _restore_customer(flat: tuple[Any, ...]) -> ScoredCustomer:
     customer.alerts.__setstate__(alerts)
     customer.followups = FollowUps()
     customer.followups.items = [FollowUp(*f) for f in followups]
-    customer.memo = None
+    customer.memo = customer.value_memo = None
     return customer

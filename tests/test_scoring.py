@@ -461,3 +461,29 @@ def test_the_customer_step_rescores_with_a_bundle_at_least_as_new_as_the_wake(
     (stored,) = [o for o in out if hasattr(o, "doc") and o.key == layout.score("c")]
     assert load(stored.doc)["model_version"] == "constant@v1"
     assert load(stored.doc)["churn_risk"] == 0.9
+
+
+def test_the_value_is_computed_anew_when_the_bundle_or_the_state_changes_at_one_instant():
+    from dataclasses import replace
+
+    from models.bgnbd import BgNbdParams
+    from models.btyd import PopulationModel
+
+    fit = PopulationModel(BgNbdParams(r=0.5, alpha=10.0, a=0.5, b=2.0), None, 0, 100, 100,
+                          True, -1.0)
+    fitted = replace(EMPTY_BUNDLE, version=2, btyd=fit, premium_boundary=1e9)
+    customer, out = ScoredCustomer("c"), Outputs()
+    for n, day in enumerate((0, 10, 20)):
+        customer.apply(purchase(day, n), fitted, out)
+    assert customer.document(fitted, out)["value_tier"] == "normal"
+    # Another bundle at the same instant: its premium boundary puts the customer on top.
+    lower = replace(fitted, version=3, premium_boundary=10.0)
+    assert customer.document(lower, out)["value_tier"] == "premium"
+    assert customer.document(fitted, out)["value_tier"] == "normal"
+    # A refund at the same instant as the last purchase: the net spend (60 + ~250 expected
+    # before it) falls under the boundary, and so does the tier.
+    between = replace(fitted, version=4, premium_boundary=300.0)
+    assert customer.document(between, out)["value_tier"] == "premium"
+    customer.apply(purchase(20, 9, refund=True), between, out)
+    assert customer.as_of_us == round(20 * DAY_US)
+    assert customer.document(between, out)["value_tier"] != "premium"
