@@ -98,11 +98,11 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
     def __init__(self, resume: bytes | None, layout: RedisLayout,
                  rescore_rate: float = 0.0, idle_seconds: float = IDLE_SECONDS,
                  partitions: Collection[int] = ()) -> None:
-        self.totals, held, self.watermark, by_hour = (
-            (Counts(), {}, Watermark(), set()) if resume is None else _clock_state(resume))
+        self.totals, held, self.watermark = ((Counts(), {}, Watermark()) if resume is None
+                                             else _clock_state(resume))
         self.watermark.idle_seconds = idle_seconds  # the setting wins over the snapshot's
         self.watermark.partitions = frozenset(partitions)  # the transactions topic's
-        self.buckets = OpenBuckets(held, by_hour)
+        self.buckets = OpenBuckets(held)
         self.layout = layout
         # When to write the status again without new counts: at once when resumed (Redis
         # may hold an older one, or none), then every STATUS_HEARTBEAT.
@@ -152,7 +152,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
         now, out, before = time.time(), [], 0
         for hour, held in sorted(self.buckets.held().items()):
             delay = before / self.rescore_rate if self.rescore_rate > 0 else 0.0
-            out.append((self.buckets.key(hour), RescoreAll(version, now + delay)))
+            out.append((str(hour), RescoreAll(version, now + delay)))
             before += held
         return out
 
@@ -193,26 +193,22 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
         return VersionedDoc(self.layout.status(), version, orjson.dumps(doc))
 
     def snapshot(self) -> bytes:
-        return pickle.dumps((self.totals, self.buckets.held(), self.watermark,
-                             self.buckets.by_hour))
+        return pickle.dumps((self.totals, self.buckets.held(), self.watermark))
 
 
-def _clock_state(resume: bytes) -> tuple[Counts, dict[int, int], Watermark, set[int]]:
-    """The clock's snapshot: totals, the registrations sent to each open hour, the
-    watermark (older snapshots: the clock was the newest event time, in the totals), and
-    the open hours whose bucket is keyed by the hour (flows/timers.py).
+def _clock_state(resume: bytes) -> tuple[Counts, dict[int, int], Watermark]:
+    """The clock's snapshot: totals, the registrations sent to each open hour, and the
+    watermark (older snapshots: the clock was the newest event time, in the totals).
 
-    Older snapshots: without the last, from before the ring of buckets: every open hour
-    is keyed by itself; a list of open hours, without counts (0, unknown); totals only,
+    Older snapshots: a list of open hours, without counts (0, unknown); totals only,
     from before open hours were kept: then every hour of the next ~2 years may hold
     registrations (the farthest a customer registers ahead), as the clock used to assume.
     """
     state = pickle.loads(resume)
     if isinstance(state, Counts):
         now = (state.clock_us or 0) // BUCKET_US
-        held = dict.fromkeys(range(now, now + 800 * 24), 0)
-        return state, held, Watermark(clock_us=state.clock_us), set(held)
+        return state, dict.fromkeys(range(now, now + 800 * 24), 0), Watermark(
+            clock_us=state.clock_us)
     totals, held, *rest = state
     watermark = rest[0] if rest else Watermark(clock_us=totals.clock_us)
-    held = held if isinstance(held, dict) else dict.fromkeys(held, 0)
-    return totals, held, watermark, rest[1] if len(rest) > 1 else set(held)
+    return totals, held if isinstance(held, dict) else dict.fromkeys(held, 0), watermark

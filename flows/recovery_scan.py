@@ -2,8 +2,7 @@
 
 bytewax 0.21 keeps one row per state key in each recovery partition (sqlite table
 ``snaps(step_id, state_key, snap_epoch, ser_change)``), for every key ever seen: a
-customer, a timer bucket (at most 8,760: flows/timers.py keys them on a ring of a year
-of hours, so that they stop adding up). When it commits an epoch it collects the superseded
+customer, a timer hour. When it commits an epoch it collects the superseded
 snapshots with one query over the whole table (the newest epoch of every key, joined
 back to find older rows). That query's time grows with the keys held, not with the keys
 touched: ~0.9 µs a key here, so 90-100 ms at 100k customers (measured) and ~0.9 s at a

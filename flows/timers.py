@@ -15,16 +15,9 @@ wake-ups go round through Kafka, as a timer topic:
    registration already due fires at once; any other goes to the timer bucket of its
    hour, a small key of the ``timers`` step. When the clock passes the end of an hour
    it has sent registrations to (:class:`OpenBuckets`), the clock step sends that bucket
-   a :class:`Tick`: the bucket fires what it holds of the hours that ended and remembers
-   the tick, so that a late registration for them fires at once. Hours without
-   registrations cost nothing, so a clock that jumps decades (an event from 1971 read
-   first) sends no flood of ticks.
-   The buckets are a ring of :data:`RING_HOURS` keys (an hour's key is the hour modulo
-   that), each holding the hours that fall on it: bytewax keeps a row for every key it
-   has ever held in its recovery store and scans them all at the end of every epoch
-   (flows/recovery_scan.py), so a key per hour grew that scan by 8,760 keys a year for
-   as long as the flow ran. The ring bounds it; a key rarely holds more than one open
-   hour (customers register at most ~2 years ahead, mostly days to weeks).
+   a :class:`Tick`: the bucket fires what it holds and stays as a closed tombstone that
+   fires any late registration at once. Hours without registrations cost nothing, so a
+   clock that jumps decades (an event from 1971 read first) sends no flood of ticks.
 3. Fired wake-ups are written to the timers topic (key = customer id, value = the due
    instant in microseconds) and read back by the flow's own Kafka input, keyed by
    customer like the transactions, so the customers step gets them in order with
@@ -80,12 +73,12 @@ those fired after it are fired again by the recovered buckets too, and the dupli
 harmless.
 
 >>> hours = OpenBuckets()
->>> [hours.route(Registration("c", due * BUCKET_US + 1))[0] for due in (7, 5, 7, 8767)]
-['r7', 'r5', 'r7', 'r7']
+>>> [hours.route(Registration("c", due * BUCKET_US + 1))[0] for due in (7, 5, 7, 900)]
+['7', '5', '7', '900']
 >>> [key for key, _ in hours.passed(8 * BUCKET_US)]  # hours 5 and 7 ended; 6 held nothing
-['r5', 'r7']
->>> [key for key, _ in hours.passed(10**6 * BUCKET_US)]  # hour 8767 shares hour 7's key
-['r7']
+['5', '7']
+>>> [key for key, _ in hours.passed(10**6 * BUCKET_US)]
+['900']
 >>> decode_wake(b"c-42", b"1700000000000000")
 Wake(customer_id='c-42', due_us=1700000000000000, stale=False, bundle_version=0)
 >>> decode_wake(*encode_wake(Wake("c-42", 17, bundle_version=9)))
@@ -97,19 +90,13 @@ from __future__ import annotations
 import heapq
 import time
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
 
 from models.transaction import SECOND_US
 
 BUCKET_US = 3600 * SECOND_US  # one hour of event time per timer bucket
-RING_HOURS = 24 * 365  # timer bucket keys: a year of hours (see the module docstring)
-
-
-def bucket_key(hour: int) -> str:
-    """The ``timers`` step's key for an hour of due instants."""
-    return f"r{hour % RING_HOURS}"
 
 
 class Registration(NamedTuple):
@@ -162,7 +149,7 @@ class RescoreAll(NamedTuple):
 
 
 class Tick(NamedTuple):
-    """The stream clock passed the end of an hour the receiving bucket holds."""
+    """The stream clock passed the end of the receiving bucket's hour."""
 
     clock_us: int
 
@@ -170,18 +157,11 @@ class Tick(NamedTuple):
 class OpenBuckets:
     """The hours the clock sent registrations to and has not ticked yet, earliest first,
     with how many registrations each was sent (0 when unknown: resumed from a snapshot
-    that did not count them). ``by_hour``: open hours whose bucket is keyed by the hour
-    itself, as before the ring (resumed from such a snapshot): they keep that key until
-    ticked."""
+    that did not count them)."""
 
-    def __init__(self, held: dict[int, int] | None = None,
-                 by_hour: set[int] | None = None) -> None:
+    def __init__(self, held: dict[int, int] | None = None) -> None:
         self._held = dict(held or {})
         self._heap = sorted(self._held)
-        self.by_hour = set(by_hour or ()) & set(self._held)
-
-    def key(self, hour: int) -> str:
-        return str(hour) if hour in self.by_hour else bucket_key(hour)
 
     def route(self, registration: Registration) -> tuple[str, Registration]:
         """The (bucket key, registration) to send; the hour stays open until ticked."""
@@ -190,7 +170,7 @@ class OpenBuckets:
             self._held[hour] = 0
             heapq.heappush(self._heap, hour)
         self._held[hour] += 1
-        return self.key(hour), registration
+        return str(hour), registration
 
     def cancel(self, cancel: Cancel) -> tuple[str, Cancel] | None:
         """The (bucket key, cancel) to send; None when its hour is not open (ticked: the
@@ -199,16 +179,15 @@ class OpenBuckets:
         if hour not in self._held:
             return None
         self._held[hour] = max(self._held[hour] - 1, 0)
-        return self.key(hour), cancel
+        return str(hour), cancel
 
     def passed(self, clock_us: int) -> list[tuple[str, Tick]]:
         """A tick for every open hour that ended at or before ``clock_us``."""
         out = []
         while self._heap and (self._heap[0] + 1) * BUCKET_US <= clock_us:
             hour = heapq.heappop(self._heap)
-            out.append((self.key(hour), Tick(clock_us)))
             del self._held[hour]
-            self.by_hour.discard(hour)
+            out.append((str(hour), Tick(clock_us)))
         return out
 
     def held(self) -> dict[int, int]:
@@ -238,59 +217,43 @@ def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> 
 
 
 
-# ("ring", the newest tick's clock (NEVER_LATE before any), held registrations, the
-# rescore to fire); before the ring, a bucket of one hour: (closed, held registrations[,
-# the rescore])
-BucketState = tuple[Any, ...]
-NEVER_LATE = -(2**63)  # the tick clock of a bucket never ticked
-CLOSED = 2**63  # ... of a closed bucket of one hour (before the ring): all is late
-
-
-def _end_of_hour(due_us: int) -> int:
-    return (due_us // BUCKET_US + 1) * BUCKET_US
+# closed, held registrations, and the rescore to fire (None, or one a snapshot of an
+# older version of the flow did not have)
+BucketState = tuple[bool, set[Registration]] | tuple[bool, set[Registration], RescoreAll | None]
 
 
 class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | RescoreAll, Wake,
                                            BucketState]):
-    """The due instants of the hours that fall on one key of the ring: holds registrations
-    until a tick passes the end of their hour, then fires them; one for an hour already
-    ticked fires at once; a :class:`Cancel` drops one; on a :class:`RescoreAll`, fires a
-    rescore wake for each at its time and keeps them."""
+    """One hour of due instants: holds registrations until its tick, then fires them; a
+    :class:`Cancel` drops one; on a :class:`RescoreAll`, fires a rescore wake for each at
+    its time and keeps them."""
 
     def __init__(self, resume: BucketState | None) -> None:
-        self.ticked_us = NEVER_LATE  # the newest tick's stream clock
-        held: set[Registration] = set()
-        self.rescore: RescoreAll | None = None
-        if resume is not None and resume[0] == "ring":
-            _, self.ticked_us, held, self.rescore = resume
-        elif resume is not None:  # a bucket of one hour, from before the ring
-            self.ticked_us = CLOSED if resume[0] else NEVER_LATE
-            held = resume[1]
-            self.rescore = resume[2] if len(resume) > 2 else None
+        self.closed = False if resume is None else resume[0]
         # by (customer, due instant): what a cancel names
-        self.held: dict[tuple[str, int], Registration] = {
-            (r.customer_id, r.due_us): r for r in held}
+        self.held: dict[tuple[str, int], Registration] = {} if resume is None else {
+            (r.customer_id, r.due_us): r for r in resume[1]}
+        self.rescore: RescoreAll | None = None if resume is None or len(resume) < 3 else (
+            resume[2])  # type: ignore[misc]
 
     def on_batch(self, values: list[Registration | Cancel | Tick | RescoreAll]
                  ) -> tuple[list[Wake], bool]:
         fired: list[Wake] = []
         for item in values:
             if isinstance(item, Tick):
-                self.ticked_us = max(self.ticked_us, item.clock_us)
-                ended = [key for key, r in self.held.items()
-                         if _end_of_hour(r.due_us) <= item.clock_us]
-                fired.extend(self.held.pop(key).wake(item.clock_us) for key in ended)
-                if not self.held:
-                    self.rescore = None
+                self.closed = True
+                fired.extend(r.wake(item.clock_us) for r in self.held.values())
+                self.held = {}
+                self.rescore = None
             elif isinstance(item, RescoreAll):
                 if self.held:  # the newer version, at the earlier of the two times
                     pending = self.rescore or item
                     self.rescore = RescoreAll(max(item.bundle_version, pending.bundle_version),
                                               min(item.fire_at_s, pending.fire_at_s))
             elif isinstance(item, Cancel):
-                self.held.pop((item.customer_id, item.due_us), None)  # ticked: it fired
-            elif _end_of_hour(item.due_us) <= self.ticked_us:
-                fired.append(item.wake())  # its hour was ticked already
+                self.held.pop((item.customer_id, item.due_us), None)  # closed: it fired
+            elif self.closed:
+                fired.append(item.wake())
             else:
                 self.held[item.customer_id, item.due_us] = item
         return fired + self._fire_rescore(), StatefulBatchLogic.RETAIN
@@ -311,4 +274,4 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | Rescore
                 for r in self.held.values()]
 
     def snapshot(self) -> BucketState:
-        return "ring", self.ticked_us, set(self.held.values()), self.rescore
+        return self.closed, set(self.held.values()), self.rescore

@@ -12,16 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from flows.clock import ClockLogic, Counts
-from flows.timers import (
-    BUCKET_US,
-    NEVER_LATE,
-    Cancel,
-    Registration,
-    Tick,
-    TimerBucketLogic,
-    Wake,
-    bucket_key,
-)
+from flows.timers import BUCKET_US, Cancel, Registration, Tick, TimerBucketLogic, Wake
 from models.alert_rules import load_rules
 from models.churn_features import FEATURE_NAMES
 from models.scoring import EMPTY_BUNDLE, Outputs, ScoredCustomer
@@ -153,7 +144,7 @@ def test_a_cancel_drops_the_registration_it_names_until_the_tick():
     bucket.on_batch([Registration("a", 5), Registration("b", 7), Cancel("a", 5),
                      Cancel("b", 6)])  # not b's instant: b stays
     resumed = TimerBucketLogic(bucket.snapshot())  # a snapshot is still a set
-    assert resumed.snapshot() == ("ring", NEVER_LATE, {Registration("b", 7)}, None)
+    assert resumed.snapshot() == (False, {Registration("b", 7)}, None)
     fired, _ = resumed.on_batch([Tick(BUCKET_US)])
     assert fired == [Wake("b", BUCKET_US)]  # up to the clock that ticked it
     assert resumed.on_batch([Cancel("b", 7)])[0] == []  # it fired already: nothing to do
@@ -166,7 +157,7 @@ def test_the_clock_sends_a_cancel_to_its_open_hour_only():
     clock.on_batch([Counts(applied=1, clock_us=10 * BUCKET_US + 5),
                     Registration("a", 11 * BUCKET_US + 1)])
     out, _ = clock.on_batch([Cancel("a", 11 * BUCKET_US + 1), Cancel("z", 40 * BUCKET_US)])
-    assert out == [(bucket_key(11), Cancel("a", 11 * BUCKET_US + 1))]  # hour 40 was never sent any
+    assert out == [("11", Cancel("a", 11 * BUCKET_US + 1))]  # hour 40 was never sent any
     assert clock.buckets.held() == {11: 0}  # the rescore pacing counts what is left
 
 
@@ -244,16 +235,16 @@ def test_clock_fires_due_registrations_and_ticks_the_passed_hours_holding_some()
     clock = ClockLogic(None, RedisLayout("t:"))
     out, _ = clock.on_batch([Counts(applied=1, clock_us=10 * BUCKET_US + 5),
                              Registration("a", 11 * BUCKET_US + 1)])
-    assert routed(out) == [(bucket_key(11), Registration("a", 11 * BUCKET_US + 1))]
+    assert routed(out) == [("11", Registration("a", 11 * BUCKET_US + 1))]
     out, _ = clock.on_batch([Registration("b", 10 * BUCKET_US),  # already due
                              Registration("c", 13 * BUCKET_US + 1),
                              Counts(applied=1, clock_us=12 * BUCKET_US + 3)])
     assert Wake("b", 12 * BUCKET_US + 3) in out  # due at hour 10: woken up to the clock
-    assert (bucket_key(13), Registration("c", 13 * BUCKET_US + 1)) in routed(out)
-    assert [k for k, v in routed(out) if isinstance(v, Tick)] == [bucket_key(11)]  # 10, 12: none
+    assert ("13", Registration("c", 13 * BUCKET_US + 1)) in routed(out)
+    assert [k for k, v in routed(out) if isinstance(v, Tick)] == ["11"]  # 10 and 12 held none
     resumed = ClockLogic(clock.snapshot(), RedisLayout("t:"))
     out, _ = resumed.on_batch([Counts(applied=1, clock_us=10**6 * BUCKET_US)])
-    assert [k for k, v in routed(out) if isinstance(v, Tick)] == [bucket_key(13)]  # decades: one
+    assert [k for k, v in routed(out) if isinstance(v, Tick)] == ["13"]  # decades: one tick
 
 
 def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_processed(
@@ -389,7 +380,7 @@ def test_a_rescore_reaches_every_registration_held_and_keeps_them():
                                 Registration("z", 9 * BUCKET_US + 1)])
     before = time.time()
     out, _ = clock.on_batch([Rescore(7)])
-    assert [(k, v.bundle_version) for k, v in out] == [(bucket_key(h), 7) for h in (2, 5, 9)]
+    assert [(k, v.bundle_version) for k, v in out] == [("2", 7), ("5", 7), ("9", 7)]
     # 2 a second: hour 2's three registrations first, hour 5's one 1.5 s later, then 9's.
     first, second, third = (v.fire_at_s for _, v in out)
     assert before <= first <= time.time()
@@ -408,8 +399,8 @@ def test_a_rescore_reaches_every_registration_held_and_keeps_them():
     out, _ = clock.on_batch([Registration("c", 3 * BUCKET_US, 6),
                              Registration("d", 3 * BUCKET_US, 7)])
     assert out == [Wake("c", 0, bundle_version=7),
-                   (bucket_key(3), Registration("c", 3 * BUCKET_US, 6)),
-                   (bucket_key(3), Registration("d", 3 * BUCKET_US, 7))]
+                   ("3", Registration("c", 3 * BUCKET_US, 6)),
+                   ("3", Registration("d", 3 * BUCKET_US, 7))]
 
     bucket = TimerBucketLogic(None)
     bucket.on_batch([Registration("a", 5), Registration("b", 7)])
@@ -496,48 +487,3 @@ def test_the_value_is_computed_anew_when_the_bundle_or_the_state_changes_at_one_
     customer.apply(purchase(20, 9, refund=True), between, out)
     assert customer.as_of_us == round(20 * DAY_US)
     assert customer.document(between, out)["value_tier"] != "premium"
-
-
-def test_hours_a_year_apart_share_a_bucket_key_and_fire_each_at_its_own_tick():
-    from flows.timers import RING_HOURS
-
-    early, late = 5 * BUCKET_US + 1, (5 + RING_HOURS) * BUCKET_US + 1
-    assert bucket_key(5) == bucket_key(5 + RING_HOURS) != bucket_key(6)
-    bucket = TimerBucketLogic(None)
-    assert bucket.on_batch([Registration("a", early), Registration("b", late)])[0] == []
-    fired, _ = bucket.on_batch([Tick(6 * BUCKET_US)])  # the end of hour 5 only
-    assert fired == [Wake("a", 6 * BUCKET_US)]
-    resumed = TimerBucketLogic(bucket.snapshot())
-    # A registration for the ticked hour is late: it fires at once; the next year's waits.
-    fired, _ = resumed.on_batch([Registration("c", early + 9), Registration("d", late + 9)])
-    assert fired == [Wake("c", early + 9)]
-    fired, _ = resumed.on_batch([Tick((6 + RING_HOURS) * BUCKET_US)])
-    assert sorted(fired) == [Wake("b", (6 + RING_HOURS) * BUCKET_US),
-                             Wake("d", (6 + RING_HOURS) * BUCKET_US)]
-
-
-def test_buckets_of_one_hour_from_before_the_ring_carry_on():
-    """A snapshot from before the ring: a bucket per hour, keyed by the hour, open or
-    closed; the clock keeps sending to those keys until it ticks their hours."""
-    from crmscore.layout import RedisLayout
-
-    held = TimerBucketLogic((False, {Registration("a", 100 * BUCKET_US + 1)}))
-    assert held.on_batch([Tick(101 * BUCKET_US)])[0] == [Wake("a", 101 * BUCKET_US)]
-    closed = TimerBucketLogic((True, set(), None))
-    assert closed.on_batch([Registration("b", 5)])[0] == [Wake("b", 5)]  # late: at once
-
-    older = pickle.dumps((Counts(applied=3, clock_us=99 * BUCKET_US), {100: 1, 200: 1}))
-    clock = ClockLogic(older, RedisLayout("t:"))
-    out, _ = clock.on_batch([Registration("c", 100 * BUCKET_US + 7),
-                             Registration("d", 300 * BUCKET_US + 7),
-                             Cancel("e", 200 * BUCKET_US + 7)])
-    assert [key for key, _ in out] == ["100", bucket_key(300), "200"]
-    def ticked(out: list[object]) -> list[str]:
-        return [o[0] for o in out if isinstance(o, tuple) and isinstance(o[-1], Tick)]
-
-    out, _ = clock.on_batch([Counts(applied=1, clock_us=150 * BUCKET_US)])
-    assert ticked(out) == ["100"]
-    resumed = ClockLogic(clock.snapshot(), RedisLayout("t:"))
-    assert resumed.buckets.by_hour == {200}
-    out, _ = resumed.on_batch([Counts(applied=1, clock_us=400 * BUCKET_US)])
-    assert ticked(out) == ["200", bucket_key(300)]
