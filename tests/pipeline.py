@@ -116,13 +116,15 @@ def wait_for_consumed(conn: redis.Redis, layout: RedisLayout, at_least: int,
 
 def wait_until_settled(conn: redis.Redis, env: FlowEnv, quiet_s: float = 4.0,
                        timeout: float = 120.0) -> dict[str, dict[str, Any]]:
-    """Score documents once no version has changed for ``quiet_s`` (wake-ups done)."""
+    """Score documents once no version has changed for ``quiet_s`` (wake-ups done), nor
+    the served model (a change rescores the waiting customers after it)."""
     deadline = time.monotonic() + timeout
-    last: dict[str, int] = {}
+    last: tuple[dict[str, int], bytes | None] = ({}, None)
     stable_since = time.monotonic()
     while time.monotonic() < deadline:
         docs = score_documents(conn, env.layout)
-        versions = {cid: d["version"] for cid, d in docs.items()}
+        versions = ({cid: d["version"] for cid, d in docs.items()},
+                    conn.hget(env.layout.model_bundle(), "v"))
         if versions != last:
             last, stable_since = versions, time.monotonic()
         elif time.monotonic() - stable_since >= quiet_s:
