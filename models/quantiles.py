@@ -77,11 +77,11 @@ DAY_US = 86_400_000_000
 QUINTILES = (0.2, 0.4, 0.6, 0.8)
 DEFAULT_K = 8192
 DIMENSIONS = ("last_purchase_us", "frequency", "monetary", "value")
-_COLUMN = {name: i for i, name in enumerate(DIMENSIONS)}
 
-# A sampled row's columns, after its key (see PopulationQuantiles.columns).
-COLUMNS = ("key", "last_purchase_us", "frequency", "monetary", "value", "first_purchase_us",
-           "seen_us")
+# A sampled row's columns: its key, the DIMENSIONS, then the BTYD inputs
+# (see PopulationQuantiles.columns).
+COLUMNS = ("key", *DIMENSIONS, "first_purchase_us", "seen_us")
+_COLUMN = {name: COLUMNS.index(name) for name in DIMENSIONS}  # where each one is held
 _DTYPES = (np.uint64, np.int64, np.int64, np.float64, np.float64, np.int64, np.int64)
 _FIRST_CAPACITY = 1024  # rows allocated at first; doubled up to k as the sample fills
 
@@ -224,10 +224,6 @@ class PopulationQuantiles:
             new[:n] = old
         self._cols = grown
 
-    def sample_keys(self) -> list[int]:
-        """Hashes of the sampled customers."""
-        return list(self._slot)
-
     def max_key(self) -> int | None:
         """The largest sampled hash: once the sample is full, nothing above it gets in."""
         return -self._heap[0] if self._heap else None
@@ -260,7 +256,7 @@ class PopulationQuantiles:
             self._sorted = {}
         col = self._sorted.get(dimension)
         if col is None:
-            values = self._cols[_COLUMN[dimension] + 1][:len(self._slot)]
+            values = self._cols[_COLUMN[dimension]][:len(self._slot)]
             if dimension == "value":
                 values = values[~np.isnan(values)]
             col = np.sort(values).tolist()
