@@ -59,19 +59,28 @@ def epoch(text: str) -> float:
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    s = scores[order]
-    i = 0
-    while i < len(s):  # average ranks over ties
-        j = i
-        while j + 1 < len(s) and s[j + 1] == s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    """ROC AUC by the rank-sum (Mann-Whitney) formula, ties averaged."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
     pos = labels == 1
     n_pos, n_neg = pos.sum(), (~pos).sum()
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auc_lead(scores: np.ndarray, baseline: np.ndarray, labels: np.ndarray,
+             rounds: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """How much higher ``scores``' AUC is than ``baseline``'s on the same customers, with
+    a 95% paired bootstrap interval (customers resampled, both scores kept together): two
+    scores of the same histories are so correlated that their AUCs' own intervals (~0.003
+    each at 5,000 customers) overlap even where one is always ahead."""
+    rng = np.random.default_rng(seed)
+    leads = []
+    for _ in range(rounds):
+        i = rng.integers(0, len(labels), len(labels))
+        leads.append(auc(scores[i], labels[i]) - auc(baseline[i], labels[i]))
+    lo, hi = np.quantile(leads, [0.025, 0.975])
+    return auc(scores, labels) - auc(baseline, labels), float(lo), float(hi)
 
 
 def generate(work: Path, customers: int, seed: int, rhythm: float
@@ -298,6 +307,13 @@ def main() -> int:
                     ("  the same at each served as_of", offline["pnbd_lagged"]),
                     ("  the flow's own fit, at each as_of", offline["pnbd_online"])):
         print(f"{name:34s} {auc(s, stopped):12.4f} {auc(s, no_buy):15.4f}")
+    print("churn_risk's lead over each baseline, AUC difference [95% paired bootstrap]:")
+    for name, s in (("recency", recency), ("BG/NBD P(no buy in 90d)", offline["bg_no_buy"]),
+                    ("BG/NBD 1 - p_alive", offline["bg_dead"])):
+        leads = (auc_lead(risk, s, stopped), auc_lead(risk, s, no_buy))
+        print(f"  over {name:29s} " + "  ".join(
+            f"{label} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            for label, (d, lo, hi) in zip(("stopped", "no-buy-90d"), leads, strict=True)))
     print(f"Pareto/NBD parameters: the flow's {online_pnbd}; lifetimes' "
           f"{ {k: round(v, 4) for k, v in offline_pnbd.items()} }")
     print("calibration of churn_risk against no purchase in the next 90 days:")
