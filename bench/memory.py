@@ -285,14 +285,18 @@ def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]
         lines += [
             "",
             f"Marginal flow RSS per customer, ({high.customers:,} - {low.customers:,} "
-            f"customers' peaks) / {high.customers - low.customers:,}: **{marginal:,.0f} B**. "
-            f"At 1,000,000 such customers one process would need about "
-            f"**{at_1m / 2**30:,.1f} GiB** (extrapolated: empty run "
-            f"{empty_rss / 2**20:,.0f} MiB + 1M x the marginal, not measured). Customers "
-            f"with longer histories hold more events each (the 15k-customer run above).",
+            f"customers' peaks) / {high.customers - low.customers:,}: **{marginal:,.0f} B**.",
         ]
+        if high.customers < 1_000_000:
+            lines[-1] += (
+                f" At 1,000,000 such customers one process would need about "
+                f"**{at_1m / 2**30:,.1f} GiB** (extrapolated: empty run "
+                f"{empty_rss / 2**20:,.0f} MiB + 1M x the marginal, not measured; "
+                f"`--flow-scales 100000 1000000` measures it).")
+        lines[-1] += (" Customers with longer histories hold more events each (the "
+                      "15k-customer run above).")
     biggest = results[-1].scan
-    if biggest.keys:
+    if biggest.keys and results[-1].customers < 1_000_000:
         per_key_s = biggest.seconds / biggest.keys
         lines += [
             "",

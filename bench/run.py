@@ -22,6 +22,7 @@ reported as failed and the others still run; the exit status is then 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import shlex
@@ -110,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="run only these sections")
     parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"))
+    parser.add_argument("--flow-scales", nargs="+", type=int, metavar="CUSTOMERS",
+                        help="customer counts of the memory section's flow-at-scale runs "
+                        f"(default {' '.join(map(str, FULL.flow_scales))}; 1000000 takes "
+                        "~30 min and ~7 GiB)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.flow_scales:
+        sizes = dataclasses.replace(sizes, flow_scales=tuple(sorted(args.flow_scales)))
     report = Report(_command(sys.argv[1:] if argv is None else argv), args.quick)
     started = time.monotonic()
 
