@@ -211,11 +211,19 @@ class BtydChurnModel:
         raise NotImplementedError
 
     def predict_proba_one(self, x: Mapping[str, float]) -> float:
+        return self.predict_summary(float(x.get("purchases", 1.0)),
+                                    float(x.get("tenure_days", 0.0)),
+                                    float(x.get("recency_days", 0.0)))
+
+    def predict_summary(self, purchases: float, tenure_days: float,
+                        recency_days: float) -> float:
+        """:meth:`predict_proba_one` from the only three features it reads: a customer
+        scored at every instant need not build the other twenty."""
         if self.params is None:
             return 0.5
-        T = max(float(x.get("tenure_days", 0.0)), 0.0)
-        t_x = min(max(T - float(x.get("recency_days", 0.0)), 0.0), T)
-        repeat = max(int(round(float(x.get("purchases", 1.0)))) - 1, 0)
+        T = max(tenure_days, 0.0)
+        t_x = min(max(T - recency_days, 0.0), T)
+        repeat = max(int(round(purchases)) - 1, 0)
         return min(max(self._no_purchase(repeat, t_x, T), 0.0), 1.0)
 
     def _no_purchase(self, x: int, t_x: float, T: float) -> float:

@@ -487,3 +487,31 @@ def test_the_value_is_computed_anew_when_the_bundle_or_the_state_changes_at_one_
     customer.apply(purchase(20, 9, refund=True), between, out)
     assert customer.as_of_us == round(20 * DAY_US)
     assert customer.document(between, out)["value_tier"] != "premium"
+
+
+def test_a_btyd_champion_scores_from_the_summary_as_from_all_the_features():
+    """A BG/NBD or Pareto/NBD champion is asked with the three figures it reads, not the
+    whole feature set: the risk must be the one the features give, late events included."""
+    from dataclasses import replace
+
+    from models.bgnbd import BgNbdParams
+    from models.churn import BgNbdChurnModel, ParetoNbdChurnModel
+    from models.paretonbd import ParetoNbdParams
+
+    pareto, bg = ParetoNbdChurnModel(), BgNbdChurnModel()
+    pareto.params = ParetoNbdParams(r=0.55, alpha=74.1, s=0.61, beta=81.7)
+    bg.params = BgNbdParams(r=0.75, alpha=15.0, a=0.8, b=2.5)
+    for model in (pareto, bg):
+        bundle = replace(EMPTY_BUNDLE, version=1, models={model.name: model},
+                         champion=model.name, model_version=f"{model.name}@v1")
+        customer, out = ScoredCustomer("c"), Outputs()
+        risks = set()
+        # day 3.5 arrives after the clock woke the customer at day 30: late, still applied
+        for n, (day, refund) in enumerate(((0, False), (3.5, False), (40, True), (41, False),
+                                           (97.25, False))):
+            customer.apply(purchase(day, n, refund), bundle, out)
+            customer.wake(customer.as_of_us + 30 * DAY_US, bundle, out)
+            now = customer.as_of_us
+            assert customer.risk == model.predict_proba_one(customer._features(now, bundle))
+            risks.add(customer.risk)
+        assert len(risks) == 5  # the risk moved: each check compared a new figure
