@@ -84,6 +84,10 @@ def load_published(client: RedisClient, key: str) -> ModelBundle | None:
     return bundle
 
 
+# Pauses before each read while a rescore wake waits for its bundle (BundleCache.at_least).
+AT_LEAST_WAITS = (0.0, 0.01, 0.05, 0.25)
+
+
 class BundleCache:
     """The newest published bundle, shared by the worker threads of one process."""
 
@@ -94,6 +98,7 @@ class BundleCache:
         self._bundle = initial
         self._refresh = refresh_seconds
         self._checked_at = -float("inf")
+        self._given_up = 0  # the newest version a rescore wake waited for in vain
         self.frozen = frozen
         if frozen:  # the bundle in Redis now, for the life of the process
             try:
@@ -116,13 +121,30 @@ class BundleCache:
 
     def at_least(self, version: int) -> ModelBundle:
         """The newest bundle, read from Redis at once if the one in hand is older than
-        ``version`` (a rescore wake names the bundle it was sent for)."""
+        ``version`` (a rescore wake names the bundle it was sent for).
+
+        A wake that overtook its bundle on the way to Redis (the sink writes it within a
+        millisecond, the wake goes round through Kafka: not seen here, but nothing forbids
+        it) waits for it a little, up to ~0.3 s: rescored with the older bundle, the
+        customer would keep naming the old model until their next instant."""
         bundle = self.get()
         if bundle.version >= version or self.frozen:
             return bundle
-        with self._lock:
-            self._checked_at = time.monotonic()
-            self._load()
+        # Waited for in vain once: every other wake of that rescore reads once, no more
+        # (thousands of customers may be waiting for it).
+        waits = AT_LEAST_WAITS[:1] if version <= self._given_up else AT_LEAST_WAITS
+        for wait in waits:
+            time.sleep(wait)
+            with self._lock:
+                self._checked_at = time.monotonic()
+                self._load()
+            if self._bundle.version >= version:
+                return self._bundle
+        if version > self._given_up:
+            self._given_up = version
+            log.warning("rescore wake for model bundle %d: Redis still holds %d after "
+                        "%.2f s; rescored with it", version, self._bundle.version,
+                        sum(AT_LEAST_WAITS))
         return self._bundle
 
     def _load(self) -> None:

@@ -85,3 +85,27 @@ def test_a_held_back_version_is_due_when_the_throttle_allows():
     time.sleep(0.25)
     assert throttle.due(2) and throttle.retry_at() is None
     assert not throttle.due(2)  # published already
+
+
+def test_a_rescore_wake_waits_a_little_for_a_bundle_still_on_its_way(redis_conn, unique):
+    """The wake names bundle 5; Redis gets it 30 ms later: the cache waits for it rather
+    than rescoring with 4. A bundle that never comes costs the bounded wait, then 4."""
+    import threading
+
+    layout = RedisLayout(f"t{unique}:")
+    publish(redis_conn, layout, 4)
+    cache = BundleCache(redis_conn, layout, ModelBundle(), refresh_seconds=3600)
+    assert cache.get().version == 4
+    late = threading.Timer(0.03, publish, args=(redis_conn, layout, 5))
+    late.start()
+    try:
+        assert cache.at_least(5).version == 5
+    finally:
+        late.join()
+    started = time.monotonic()
+    assert cache.at_least(6).version == 5  # never published
+    assert time.monotonic() - started >= 0.25
+    started = time.monotonic()  # the other customers of that rescore do not wait again
+    assert cache.at_least(6).version == 5 and time.monotonic() - started < 0.1
+    publish(redis_conn, layout, 6)  # but still read it once
+    assert cache.at_least(6).version == 6
