@@ -36,8 +36,9 @@ fixed spread would not scale (5 minutes for a million customers is 3,300 rescore
 second, twice what the flow scores). A customer rescores at its current
 instant with a bundle at least that new (:meth:`models.scoring.ScoredCustomer.rescore`;
 a wake that overtook its bundle on the way to Redis waits for it up to ~0.3 s,
-flows/model_registry.py ``BundleCache.at_least``); a second rescore wake (a cancel that came too late) finds nothing to change. Any batch a
-customer gets rescores it too if its score names another model than the bundle in hand.
+flows/model_registry.py ``BundleCache.at_least``); a second rescore wake (a cancel that
+came too late) finds nothing to change. Any batch a customer gets rescores it too if its
+score names another model than the bundle in hand.
 A customer scored meanwhile with an older bundle (its process had not read the new one
 yet) was not in a bucket: its next registration names the bundle that scored it, and
 the clock sends it a rescore wake at once. Customers without a registration (asleep after
