@@ -254,7 +254,7 @@ def flow_scale_summary(results: list[FlowAtScale]) -> list[str]:
 
 def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]:
     """The table of :func:`flow_at_scale` runs, the marginal RSS per customer between the
-    smallest and largest, and 1M customers extrapolated from it."""
+    smallest and largest, and 1M customers extrapolated from it (when not measured)."""
     empty_rss = empty.peak_rss_bytes[0]
     lines = [
         f"Flow at scale: customers with {SCALE_PURCHASES} purchases each over "

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flow-scales", nargs="+", type=int, metavar="CUSTOMERS",
                         help="customer counts of the memory section's flow-at-scale runs "
                         f"(default {' '.join(map(str, FULL.flow_scales))}; 1000000 takes "
-                        "~30 min and ~7 GiB)")
+                        "~30 min and ~17 GiB of memory at its peak)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.flow_scales:

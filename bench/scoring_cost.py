@@ -10,7 +10,8 @@ their worker process). The timer buckets are a heap of registrations fired when 
 stream clock (the newest event time read) passes the end of their hour, as the clock's
 ticks fire them (flows/timers.py); a fired wake-up is the next batch of its customer.
 A published bundle reaches the customers at once (in the flow, through Redis, within
-``CRMSCORE_MODEL_PUBLISH_SECONDS`` + 0.5 s).
+``CRMSCORE_MODEL_PUBLISH_SECONDS`` + 0.5 s); after a promotion each customer is rescored
+by its next batch, without the flow's rescore wake-ups.
 
 Prints the µs per event spent in each step (wall time of this one thread: run it on a
 quiet machine) and the wake-ups per event. The heap fires every registration as soon as
