@@ -42,6 +42,7 @@ from bench.evaluate_churn import (
     calibration_table,
     epoch,
     flow_env,
+    paired_bootstrap,
     run_flow,
 )
 from crmscore import embedded
@@ -124,18 +125,13 @@ def log_loss(p: np.ndarray, y: np.ndarray) -> float:
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
-def rmse_lead(pred: np.ndarray, baseline: np.ndarray, actual: np.ndarray,
-              rounds: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+def rmse_lead(pred: np.ndarray, baseline: np.ndarray, actual: np.ndarray
+              ) -> tuple[float, float, float]:
     """How much lower ``pred``'s RMSE is than ``baseline``'s, with a 95% paired bootstrap
-    interval (customers resampled)."""
-    rng = np.random.default_rng(seed)
+    interval."""
     a, b = (pred - actual) ** 2, (baseline - actual) ** 2
-    leads = []
-    for _ in range(rounds):
-        i = rng.integers(0, len(actual), len(actual))
-        leads.append(np.sqrt(b[i].mean()) - np.sqrt(a[i].mean()))
-    lo, hi = np.quantile(leads, [0.025, 0.975])
-    return float(np.sqrt(b.mean()) - np.sqrt(a.mean())), float(lo), float(hi)
+    return paired_bootstrap(lambda i: float(np.sqrt(b[i].mean()) - np.sqrt(a[i].mean())),
+                            len(actual))
 
 
 def main() -> int:

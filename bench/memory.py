@@ -278,6 +278,7 @@ def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]
             f"| {r.state_bytes:,.0f} B | {r.recovery_bytes / 2**20:,.1f} MiB "
             f"| {r.scan.seconds * 1000:,.0f} ms ({r.scan.keys:,}) "
             f"| {r.resume.seconds:.1f} s, peak RSS {r.resume.peak_rss_bytes[0] / 2**20:,.0f} MiB |")
+    measured_1m = results[-1].customers >= 1_000_000  # else extrapolated to it
     marginal = marginal_rss_bytes(results)
     if marginal is not None:
         low, high = results[0], results[-1]
@@ -287,7 +288,7 @@ def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]
             f"Marginal flow RSS per customer, ({high.customers:,} - {low.customers:,} "
             f"customers' peaks) / {high.customers - low.customers:,}: **{marginal:,.0f} B**.",
         ]
-        if high.customers < 1_000_000:
+        if not measured_1m:
             lines[-1] += (
                 f" At 1,000,000 such customers one process would need about "
                 f"**{at_1m / 2**30:,.1f} GiB** (extrapolated: empty run "
@@ -296,7 +297,7 @@ def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]
         lines[-1] += (" Customers with longer histories hold more events each (the "
                       "15k-customer run above).")
     biggest = results[-1].scan
-    if biggest.keys and results[-1].customers < 1_000_000:
+    if biggest.keys and not measured_1m:
         per_key_s = biggest.seconds / biggest.keys
         lines += [
             "",

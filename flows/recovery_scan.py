@@ -5,11 +5,11 @@ bytewax 0.21 keeps one row per state key in each recovery partition (sqlite tabl
 customer, a timer hour. When it commits an epoch it collects the superseded
 snapshots with one query over the whole table (the newest epoch of every key, joined
 back to find older rows). That query's time grows with the keys held, not with the keys
-touched: ~0.9 µs a key here, so 90-100 ms at 100k customers (measured) and ~0.9 s at a
-million (extrapolated), paid every ``CRMSCORE_SNAPSHOT_INTERVAL`` (0.25 s by default,
-chosen for freshness at small populations) while new events wait. A flow holding a
-million customers needs an interval of ~10 s or more, or its keys spread over more
-processes and partitions. Keys are never dropped: a discarded state leaves an empty row.
+touched: ~0.8-0.9 µs a key here, so 76-100 ms at 100k customers and 807 ms at a million
+(measured: bench/RESULTS-memory-1m.md), paid every ``CRMSCORE_SNAPSHOT_INTERVAL`` (0.25 s
+by default, chosen for freshness at small populations) while new events wait. A flow
+holding a million customers needs an interval of ~10 s or more, or its keys spread over
+more processes and partitions. Keys are never dropped: a discarded state leaves an empty row.
 
 :func:`scan` runs the same scan, read-only, and times it; ``crmscore flow`` runs it at
 start and every 15 minutes (:class:`ScanWatch`), and warns when it takes more than
