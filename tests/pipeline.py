@@ -71,17 +71,29 @@ class FlowEnv:
         }
 
     def start_flow(self, *args: str, **extra_env: str) -> subprocess.Popen[bytes]:
-        log = open(self.recovery_dir.parent / f"flow-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "crmscore.cli", "flow", *args],
-            env=self.env(**extra_env), stdout=log, stderr=subprocess.STDOUT,
-        )
+        path = self.recovery_dir.parent / f"flow-{time.monotonic_ns()}.log"
+        with open(path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "crmscore.cli", "flow", *args],
+                env=self.env(**extra_env), stdout=log, stderr=subprocess.STDOUT,
+            )
         STARTED.append(proc)
+        LOGS[proc.pid] = path
         return proc
 
 
 # Every flow a test started; tests/conftest.py kills the ones a failed test left running.
 STARTED: list[subprocess.Popen[bytes]] = []
+# Where each flow's output went, by process id.
+LOGS: dict[int, Path] = {}
+
+
+def log_tail(proc: subprocess.Popen[bytes], lines: int = 40) -> str:
+    """The last lines a flow printed: why it exited, when it did."""
+    path = LOGS.get(proc.pid)
+    if path is None or not path.exists():
+        return "(no log)"
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def kill_leftovers() -> None:
@@ -109,7 +121,8 @@ def wait_for_consumed(conn: redis.Redis, layout: RedisLayout, at_least: int,
             return st
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"flow exited with {proc.returncode} before consuming "
-                                 f"{at_least} events (status {st})")
+                                 f"{at_least} events (status {st}); it printed:\n"
+                                 f"{log_tail(proc)}")
         time.sleep(0.005)
     raise AssertionError(f"flow did not consume {at_least} events in {timeout} s: {st}")
 
