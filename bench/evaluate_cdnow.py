@@ -130,8 +130,8 @@ def rmse_lead(pred: np.ndarray, baseline: np.ndarray, actual: np.ndarray
     """How much lower ``pred``'s RMSE is than ``baseline``'s, with a 95% paired bootstrap
     interval."""
     a, b = (pred - actual) ** 2, (baseline - actual) ** 2
-    return paired_bootstrap(lambda i: float(np.sqrt(b[i].mean()) - np.sqrt(a[i].mean())),
-                            len(actual))
+    return paired_bootstrap(lambda picks: float(np.sqrt(b[picks[0]].mean())
+                                                - np.sqrt(a[picks[0]].mean())), [len(actual)])
 
 
 def main() -> int:
@@ -203,7 +203,7 @@ def main() -> int:
         f"over {name} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
         for name, score in (("days since last purchase", recency),
                             *((f"{n} offline", f["no_buy"]) for n, f in fits.items()))
-        for d, lo, hi in [auc_lead(risk, score, no_buy)]))
+        for d, lo, hi in [auc_lead([(risk, score, no_buy)])]))
     # expected_purchases is a conditional mean: squared error and the total judge it.
     # MAE is least at the conditional median, which is 0 for most customers here, so it
     # favours a forecast that under-predicts everyone.

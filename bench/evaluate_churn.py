@@ -18,7 +18,8 @@ Two outcomes: *stopped* (the latent stop time is before the cut: the generator's
 truth) and *no purchase within the next 90 days* (observed after the cut, in the
 generated file). Prints ROC AUC for each, and churn_risk's calibration table.
 
-Run: ``.venv/bin/python bench/evaluate_churn.py [--customers 5000] [--seed 3]``
+Run: ``.venv/bin/python bench/evaluate_churn.py [--customers 5000] [--seed 3 [4 ...]]``
+(several seeds: one run each, then churn_risk's leads averaged over them).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -68,25 +70,27 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def paired_bootstrap(lead: Callable[[np.ndarray], float], n: int, rounds: int = 1000,
-                     seed: int = 0) -> tuple[float, float, float]:
-    """``lead`` (a difference between two scores' metrics, given the customers' indices)
-    over all ``n`` customers, with a 95% interval from resampling the customers, each
-    customer's scores kept together."""
+def paired_bootstrap(lead: Callable[[list[np.ndarray]], float], sizes: Sequence[int],
+                     rounds: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """``lead`` (a difference between two scores' metrics, given each run's customers'
+    indices) over all customers, with a 95% interval from resampling each run's customers
+    apart (stratified), each customer's scores kept together."""
     rng = np.random.default_rng(seed)
-    leads = [lead(rng.integers(0, n, n)) for _ in range(rounds)]
+    leads = [lead([rng.integers(0, n, n) for n in sizes]) for _ in range(rounds)]
     lo, hi = np.quantile(leads, [0.025, 0.975])
-    return lead(np.arange(n)), float(lo), float(hi)
+    return lead([np.arange(n) for n in sizes]), float(lo), float(hi)
 
 
-def auc_lead(scores: np.ndarray, baseline: np.ndarray, labels: np.ndarray
+def auc_lead(runs: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]
              ) -> tuple[float, float, float]:
-    """How much higher ``scores``' AUC is than ``baseline``'s on the same customers, with
-    a 95% paired bootstrap interval: two scores of the same histories are so correlated
-    that their AUCs' own intervals (~0.003 each at 5,000 customers) overlap even where
-    one is always ahead."""
-    return paired_bootstrap(
-        lambda i: auc(scores[i], labels[i]) - auc(baseline[i], labels[i]), len(labels))
+    """How much higher a score's AUC is than a baseline's on the same customers, averaged
+    over runs of ``(scores, baseline, labels)``, with a 95% paired bootstrap interval: two
+    scores of the same histories are so correlated that their AUCs' own intervals (~0.003
+    each at 5,000 customers) overlap even where one is always ahead."""
+    def lead(picks: list[np.ndarray]) -> float:
+        return float(np.mean([auc(s[i], y[i]) - auc(b[i], y[i])
+                              for (s, b, y), i in zip(runs, picks, strict=True)]))
+    return paired_bootstrap(lead, [len(y) for _, _, y in runs])
 
 
 def generate(work: Path, customers: int, seed: int, rhythm: float
@@ -242,22 +246,63 @@ def calibration_table(p: np.ndarray, y: np.ndarray, bins: int = 10) -> list[str]
     return rows
 
 
+# The baselines churn_risk must beat, by their keys in offline_baselines (or "recency").
+BASELINES = (("recency", "recency"), ("BG/NBD P(no buy in 90d)", "bg_no_buy"),
+             ("BG/NBD 1 - p_alive", "bg_dead"))
+OUTCOMES = ("stopped", "no-buy-90d")
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One run's buyers, aligned: churn_risk, the baselines (BASELINES' keys), outcomes."""
+
+    risk: np.ndarray
+    baselines: dict[str, np.ndarray]
+    outcomes: dict[str, np.ndarray]  # OUTCOMES' names -> 0/1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--customers", type=int, default=5000)
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--seed", type=int, nargs="+", default=[3],
+                        help="one run per seed; with several, churn_risk's leads averaged "
+                        "over the runs too")
     parser.add_argument("--rhythm", type=float, default=1.0,
                         help="gamma shape of purchase gaps (1: Poisson, the Pareto/NBD "
                         "family BG/NBD assumes; 4: regular habits)")
     parser.add_argument("--cut-day", type=float, default=600.0,
                         help="calibration period: the first this many days of the 730")
     args = parser.parse_args()
+    runs = []
+    for seed in args.seed:
+        print(f"== seed {seed}")
+        runs.append(judge(args.customers, seed, args.rhythm, args.cut_day))
+    if len(runs) > 1:
+        print(f"== churn_risk's lead averaged over seeds {', '.join(map(str, args.seed))} "
+              f"({sum(len(r.risk) for r in runs):,} buyers), AUC difference [95% paired "
+              "bootstrap, each run's customers resampled apart]:")
+        print_leads(runs)
+    return 0
+
+
+def print_leads(runs: Sequence[Judged]) -> None:
+    for name, key in BASELINES:
+        leads = [auc_lead([(r.risk, r.baselines[key], r.outcomes[outcome]) for r in runs])
+                 for outcome in OUTCOMES]
+        print(f"  over {name:29s} " + "  ".join(
+            f"{outcome} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            for outcome, (d, lo, hi) in zip(OUTCOMES, leads, strict=True)))
+
+
+def judge(customers: int, seed: int, rhythm: float, cut_day: float) -> Judged:
+    """One run: generate, replay the calibration period through the flow, print every
+    score's AUC, churn_risk's leads and calibration; return the aligned scores."""
     with tempfile.TemporaryDirectory() as tmp, \
             embedded.running(embedded.start_broker()) as broker, \
             embedded.running(embedded.start_redis()) as redis_server:
         work = Path(tmp)
-        lines, truth = generate(work, args.customers, args.seed, args.rhythm)
-        cut = epoch("2024-01-01T00:00:00+00:00") + args.cut_day * DAY_S
+        lines, truth = generate(work, customers, seed, rhythm)
+        cut = epoch("2024-01-01T00:00:00+00:00") + cut_day * DAY_S
         times = [epoch(orjson.loads(line)["occurred_at"]) for line in lines]
         calibration = [line for line, t in zip(lines, times, strict=True) if t <= cut]
         bought_after: set[str] = set()
@@ -313,18 +358,15 @@ def main() -> int:
                     ("  the same at each served as_of", offline["pnbd_lagged"]),
                     ("  the flow's own fit, at each as_of", offline["pnbd_online"])):
         print(f"{name:34s} {auc(s, stopped):12.4f} {auc(s, no_buy):15.4f}")
+    judged = Judged(risk, {"recency": recency, **offline},
+                    dict(zip(OUTCOMES, (stopped, no_buy), strict=True)))
     print("churn_risk's lead over each baseline, AUC difference [95% paired bootstrap]:")
-    for name, s in (("recency", recency), ("BG/NBD P(no buy in 90d)", offline["bg_no_buy"]),
-                    ("BG/NBD 1 - p_alive", offline["bg_dead"])):
-        leads = (auc_lead(risk, s, stopped), auc_lead(risk, s, no_buy))
-        print(f"  over {name:29s} " + "  ".join(
-            f"{label} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            for label, (d, lo, hi) in zip(("stopped", "no-buy-90d"), leads, strict=True)))
+    print_leads([judged])
     print(f"Pareto/NBD parameters: the flow's {online_pnbd}; lifetimes' "
           f"{ {k: round(v, 4) for k, v in offline_pnbd.items()} }")
     print("calibration of churn_risk against no purchase in the next 90 days:")
     print("\n".join(calibration_table(risk, no_buy)))
-    return 0
+    return judged
 
 
 if __name__ == "__main__":
