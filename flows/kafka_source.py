@@ -23,18 +23,28 @@ end when it was fetched) before bytewax sees it, and only when the source does n
 does bytewax then stop the partition. The stream clock uses the ends to tell a partition
 that is caught up from one that merely went silent with events unread
 (flows/watermark.py). The broker's high watermark cannot tell: tansu reports it too low.
+
+*Errors.* An error about a record (it has an offset: a message that cannot be read)
+comes out as bytewax's ``KafkaError``, and the flow dead-letters and counts it. An
+error of the client itself (a broker unreachable: no record, no offset) is logged and
+dropped here, as librdkafka retries by itself; a fatal one stops the flow. Passed on,
+it was counted as a refused transaction (one more consumed than the topic held) and
+dead-lettered naming no message.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeGuard, cast
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
 from bytewax.dataflow import Dataflow, Stream, operator
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException
 from confluent_kafka import KafkaError as ConfluentError
+
+log = logging.getLogger(__name__)
 
 
 class PartitionEnd(NamedTuple):
@@ -97,7 +107,8 @@ class _EndMessage:
 
 class _NoWaitConsumer:
     """A consumer whose ``consume`` returns at once with what is buffered, each end of
-    partition preceded by an :class:`_EndMessage` (and dropped when the source tails)."""
+    partition preceded by an :class:`_EndMessage` (and dropped when the source tails),
+    errors of the client itself logged and dropped (see *Errors* above)."""
 
     def __init__(self, consumer: Consumer, tail: bool) -> None:
         self._consumer = consumer
@@ -108,12 +119,17 @@ class _NoWaitConsumer:
         out: list[Any] = []
         for msg in self._consumer.consume(num_messages, 0):
             error = msg.error()
-            if error is not None and error.code() == ConfluentError._PARTITION_EOF:
+            if error is None:
+                self._delivered = True
+            elif error.code() == ConfluentError._PARTITION_EOF:
                 out.append(_EndMessage(msg, first=not self._delivered))
                 if self._tail:
                     continue
-            elif error is None:
-                self._delivered = True
+            elif msg.offset() is None:  # the client's error, not a record's
+                if error.fatal():
+                    raise KafkaException(error)
+                log.warning("Kafka consumer error (the client retries): %s", error)
+                continue
             out.append(msg)
         return out
 

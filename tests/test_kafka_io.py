@@ -89,3 +89,39 @@ def test_source_gives_a_topics_partitions_their_own_settings():
     mine = NoWaitKafkaSource(["127.0.0.1:9"], ["tx"], True, add_config={"a": "2"},
                              consumer_config={"a": "1"}, topic_config={"tx": {"a": "3"}})
     assert mine.config_for("0-tx") == {"a": "2", **eof}
+
+
+class BufferedConsumer:
+    """What librdkafka has buffered, handed out once (the part of a Consumer the source
+    calls)."""
+
+    def __init__(self, messages: list[object]) -> None:
+        self.messages = messages
+
+    def consume(self, num_messages: int, timeout: float) -> list[object]:
+        out, self.messages = self.messages, []
+        return out
+
+
+def test_source_refuses_a_record_it_cannot_read_and_drops_an_error_of_the_client(caplog):
+    """A record's error has an offset: passed on (the flow dead-letters and counts it). The
+    client's own (all brokers down) has none: logged and dropped, librdkafka retries it;
+    a fatal one stops the flow."""
+    from confluent_kafka import KafkaError, KafkaException, Message
+
+    from flows.kafka_source import _NoWaitConsumer
+
+    record = Message(topic="tx", partition=0, offset=7, value=b"{}")
+    corrupt = Message(topic="tx", partition=0, offset=8,
+                      error=KafkaError(KafkaError._BAD_MSG, "bad CRC"))
+    down = Message(topic=None, partition=-1, offset=-1001,
+                   error=KafkaError(KafkaError._ALL_BROKERS_DOWN, "all brokers down"))
+    consumer = _NoWaitConsumer(BufferedConsumer([record, down, corrupt]), tail=True)  # type: ignore[arg-type]
+    assert consumer.consume(10, 0) == [record, corrupt]
+    assert "all brokers down" in caplog.text
+
+    fenced = Message(topic=None, partition=-1, offset=-1001,
+                     error=KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+    consumer = _NoWaitConsumer(BufferedConsumer([fenced]), tail=True)  # type: ignore[arg-type]
+    with pytest.raises(KafkaException, match="fenced"):
+        consumer.consume(10, 0)
