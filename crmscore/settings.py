@@ -115,8 +115,9 @@ class Settings:
         above=0
     )
     rescore_rate: float = _setting(
-        100.0, "when the served model changes, waiting customers are rescored at most this "
-        "many a second (wall clock), so the extra work does not stall live events; 0: at once",
+        100.0, "when the served model or its BTYD fit changes, waiting customers are rescored "
+        "at most this many a second (wall clock), so the extra work does not stall live "
+        "events; 0: at once",
         at_least=0
     )
     model_updates: str = _setting(

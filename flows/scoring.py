@@ -227,8 +227,9 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                                   tuple(read.items()), tuple(offsets.items())))
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
             return emitted, StatefulBatchLogic.DISCARD
-        # A score naming a model that no longer serves is redone: on a rescore wake, or on
-        # any batch that did not rescore (a wake that only closed an alert's outcome window).
+        # A score from before the served model or fit changed is redone: on a rescore wake,
+        # or on any batch that did not rescore (a wake that only closed an alert's outcome
+        # window).
         customer.rescore(bundle, out, self.rules)
         if customer.version != version:
             emitted.append(self._document(customer, bundle, out))
@@ -286,8 +287,18 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
     on the stream clock that the customers' counts give (flows/watermark.py, as in the
     clock step); publishes the model bundle and report every ``publish_seconds`` (wall
     clock), and a :class:`~flows.timers.Rescore` with a bundle that serves another model
-    than the last one published. With ``frozen`` model updates the bundle is published as the
-    candidate, not served, and nobody is rescored."""
+    than the last one published, or a BTYD refit once the flow has caught up with its
+    input. With ``frozen`` model updates the bundle is published as the candidate, not
+    served, and nobody is rescored.
+
+    Why sweep a refit in: its parameters change every customer's ``p_alive`` and CLV (and
+    churn risk, from a BTYD model), and a customer scored before it kept the older ones
+    until their next instant, up to a week of event time (in a replay, where the fits
+    trail the racing clock, longer). So customers ranked side by side (a campaign's top
+    CLV) were scored by different fits. A refit comes every
+    ``CRMSCORE_BTYD_REFIT_DAYS`` (a week) of event time: live, one rescoring a week per
+    waiting customer, at ``CRMSCORE_RESCORE_RATE``. A replay sweeps in only the fit it
+    ends with, not one every few seconds of its catch-up."""
 
     def __init__(self, resume: bytes | None, config: ScoringConfig, layout: RedisLayout,
                  publish_seconds: float, refit_days: float, frozen: bool,
@@ -310,6 +321,8 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
         # The served model of the last bundle published (a resumed step assumes it was
         # published before the restart: customers scored with it then).
         self.served = self.population.bundle_version_name()
+        self.unswept_fit = False  # a refit taken, everyone's rescoring with it not yet asked
+        self.announced_from = self.population.rescore_from  # the newest sweep sent the clock
 
     def on_batch(self, values: list[LabeledExample | PopulationRow | Counts]
                  ) -> tuple[list[Any], bool]:
@@ -321,15 +334,20 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
                 item.observed_by(self.watermark)
             else:
                 population.learn(item)
-        population.advance(self.watermark.advance())
-        population.maybe_refit()
-        return self._publish(), StatefulBatchLogic.RETAIN
+        return self._advance()
 
     def on_notify(self) -> tuple[list[Any], bool]:
         # A quiet partition may let the clock move on; a fit may have finished.
+        return self._advance()
+
+    def _advance(self) -> tuple[list[Any], bool]:
         self.population.advance(self.watermark.advance())
-        self.population.maybe_refit()
+        if self.population.maybe_refit():
+            self.unswept_fit = True
         return self._publish(), StatefulBatchLogic.RETAIN
+
+    def _caught_up(self) -> bool:
+        return all(self.watermark.read_in_full(p) for p in self.watermark.partitions)
 
     def notify_at(self) -> datetime | None:
         candidates = [self.throttle.retry_at()]
@@ -340,19 +358,30 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
 
     def _publish(self) -> list[VersionedDoc | Rescore]:
         population = self.population
+        if self.unswept_fit and self._caught_up() and not self.frozen:
+            population.rescore_all()  # published now, or at the throttle's next turn
+            self.unswept_fit = False
         if not self.throttle.due(population.version):
             return []
+        served = population.bundle_version_name()
+        promoted = served != self.served and not self.frozen
+        if promoted:
+            population.rescore_from = population.version
         report = population.report(format_time(time.time_ns() // 1000))
         bundle = population.bundle()
         out: list[VersionedDoc | Rescore] = [
             bundle_doc(self.layout, bundle, frozen=self.frozen),
             VersionedDoc(self.layout.model_report(), population.version,
                          orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))]
-        if bundle.model_version != self.served and not self.frozen:
-            log.info("served model %s -> %s: rescoring waiting customers (bundle %d)",
-                     self.served, bundle.model_version, bundle.version)
+        if bundle.rescore_from > self.announced_from:
+            log.info("%s: rescoring waiting customers (bundle %d)",
+                     f"served model {self.served} -> {served}" if promoted
+                     else f"BTYD refit of {format_time(population.btyd.fitted_at_us)}"
+                     if population.btyd is not None else "BTYD refit",
+                     bundle.version)
             out.append(Rescore(bundle.version))
-        self.served = bundle.model_version
+            self.announced_from = bundle.rescore_from
+        self.served = served
         return out
 
     def snapshot(self) -> bytes:

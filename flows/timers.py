@@ -38,12 +38,13 @@ instant with a bundle at least that new (:meth:`models.scoring.ScoredCustomer.re
 a wake that overtook its bundle on the way to Redis waits for it up to ~0.3 s,
 flows/model_registry.py ``BundleCache.at_least``); a second rescore wake (a cancel that
 came too late) finds nothing to change. Any batch a customer gets rescores it too if its
-score names another model than the bundle in hand.
+score is older than the bundle in hand's ``rescore_from``.
 A customer scored meanwhile with an older bundle (its process had not read the new one
 yet) was not in a bucket: its next registration names the bundle that scored it, and
 the clock sends it a rescore wake at once. Customers without a registration (asleep after
 ``max_silence_days``) keep their score. The cost is one wake-up per waiting customer per
-change of the served model.
+change of the served model. A BTYD refit, once the flow has caught up with its
+input, is swept in the same way (flows/scoring.py, ``ModelsLogic``).
 
 **Chains.** A silent customer's instants form a chain: each is registered only once the
 one before it is processed. When the stream clock runs far ahead (a replay at full

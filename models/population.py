@@ -77,6 +77,8 @@ class Population:
         self.clock_us: int | None = None
         self.fitted_clock_us: int | None = None
         self.version = 0  # grows with every change a bundle would show
+        # The version from which the served scores are current (ModelBundle.rescore_from).
+        self.rescore_from = 0
         self._fit: Future[PopulationModel] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ class Population:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.pop("_executor", None)  # snapshots from when fits ran in a thread
+        state.setdefault("rescore_from", 0)
         # Snapshots from when the BTYD inputs were a dict of rows beside the sample.
         btyd_rows = state.pop("btyd_rows", {})
         self.__dict__.update(state)
@@ -146,6 +149,11 @@ class Population:
                 self._fit = fit_process.submit(fit_population, *inputs, fitted_at_us=clock,
                                                previous=self.btyd)
         return taken
+
+    def rescore_all(self) -> None:
+        """Have every score computed with an older bundle redone (a new fit swept in)."""
+        self.version += 1
+        self.rescore_from = self.version
 
     @property
     def fitting(self) -> bool:
@@ -216,7 +224,7 @@ class Population:
             version=self.version, config=self.config,
             models=dict(arena.models),
             champion=arena.champion if serving else None,
-            model_version=self.bundle_version_name(),
+            model_version=self.bundle_version_name(), rescore_from=self.rescore_from,
             base_rate=(arena.positives + 1) / (arena.labels + 2),
             boundaries=boundaries,
             premium_boundary=self.quantiles.premium_boundary(self.config.premium_share),

@@ -126,6 +126,9 @@ class ModelBundle:
     models: Mapping[str, ChurnModel] = field(default_factory=dict)
     champion: str | None = None  # None: serve the prior
     model_version: str = "prior:base_rate"
+    # The bundle version from which the served scores are current: a score computed with
+    # an older bundle is redone (another model serves, or a BTYD refit is swept in).
+    rescore_from: int = 0
     base_rate: float = 0.5
     boundaries: Boundaries | None = None
     premium_boundary: float | None = None
@@ -206,14 +209,14 @@ class ScoredCustomer:
     # What a snapshot keeps; the memos (next rescoring instant, value) are recomputed.
     _STATE = ("state", "stage", "pending", "risk", "as_of_us", "steps", "registered_us",
               "key_hash", "alerts", "followups")
-    __slots__ = (*_STATE, "risk_by", "memo", "value_memo")
+    __slots__ = (*_STATE, "scored_by", "memo", "value_memo")
 
     def __init__(self, customer_id: str) -> None:
         self.state = CustomerState(customer_id)
         self.stage: Stage | None = None
         self.pending: PendingLabel | None = None
         self.risk: float | None = None  # churn risk at the last evaluation
-        self.risk_by: str | None = None  # the model_version that computed it
+        self.scored_by: int | None = None  # the version of the bundle that computed it
         self.as_of_us: int | None = None
         self.steps = 0  # due instants processed since the newest applied event
         self.registered_us: int | None = None  # due instant the flow will wake us at
@@ -235,14 +238,14 @@ class ScoredCustomer:
         return _restore_customer, ((
             self.state.__getstate__(), stage, pending, self.risk, self.as_of_us, self.steps,
             self.registered_us, self.key_hash, self.alerts.__getstate__(), followups,
-            self.risk_by,
+            self.scored_by,
         ),)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         """Snapshots taken before ``__reduce__`` (the objects themselves, in _STATE order)."""
         for name, value in zip(self._STATE, state, strict=True):
             object.__setattr__(self, name, value)
-        self.risk_by = None
+        self.scored_by = None
         self.memo = self.value_memo = None
 
     @property
@@ -291,13 +294,14 @@ class ScoredCustomer:
 
     def rescore(self, bundle: ModelBundle, out: Outputs,
                 rules: AlertRules | None = None) -> bool:
-        """Another model is served: score again at ``as_of`` (the clock does not move), so
-        the score stops naming a model that no longer serves; stage, alerts and version
-        follow as at any instant. False when the risk is already ``bundle``'s model's (a
-        second rescore wake), or there is nothing to score."""
+        """Another model is served, or another BTYD fit: score again at ``as_of`` (the clock
+        does not move), so the score stops naming a model that no longer serves; stage,
+        alerts and version follow as at any instant. False when the score is already
+        current (computed with ``bundle.rescore_from`` or newer: a second rescore wake),
+        or there is nothing to score."""
         now = self.as_of_us
         if (now is None or self.state.last_purchase_us is None
-                or self.risk_by == bundle.model_version):
+                or (self.scored_by is not None and self.scored_by >= bundle.rescore_from)):
             return False
         self.steps += 1
         self._step(bundle, out, rules, None)
@@ -447,7 +451,7 @@ class ScoredCustomer:
             silent_days = 0.0 if last is None else (now - last) / DAY_US
             self.pending = (self._open(now, bundle)
                             if silent_days < bundle.config.max_silence_days else None)
-        self.risk, self.risk_by = self._churn_risk(bundle, now), bundle.model_version
+        self.risk, self.scored_by = self._churn_risk(bundle, now), bundle.version
         stage = lifecycle_stage(self._facts(self.risk), now, self.stage, bundle.rules)
         if self.stage is not None and stage.name != self.stage.name:
             out.transitions.append(Transition(self.customer_id, self.stage.name, stage.name, now))
@@ -567,14 +571,15 @@ class ScoredCustomer:
 def _restore_customer(flat: tuple[Any, ...]) -> ScoredCustomer:
     """Inverse of :meth:`ScoredCustomer.__reduce__`."""
     (state, stage, pending, risk, as_of_us, steps, registered_us, key_hash, alerts,
-     followups, *risk_by) = flat  # risk_by is missing from snapshots taken before it
+     followups, *scored_by) = flat  # missing from snapshots taken before it
     customer = ScoredCustomer.__new__(ScoredCustomer)
     customer.state = CustomerState.__new__(CustomerState)
     customer.state.__setstate__(state)
     customer.stage = None if stage is None else Stage.from_flat(stage)
     customer.pending = None if pending is None else PendingLabel(*pending)
     customer.risk, customer.as_of_us, customer.steps = risk, as_of_us, steps
-    customer.risk_by = risk_by[0] if risk_by else None
+    # Snapshots from before the bundle version kept the model's name: rescored at once.
+    customer.scored_by = scored_by[0] if scored_by and isinstance(scored_by[0], int) else None
     customer.registered_us, customer.key_hash = registered_us, key_hash
     customer.alerts = AlertMemory.__new__(AlertMemory)
     customer.alerts.__setstate__(alerts)

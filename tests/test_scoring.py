@@ -348,7 +348,8 @@ def test_a_rescore_serves_the_new_model_at_the_same_instant_once():
         customer.apply(purchase(day, n), EMPTY_BUNDLE, out)
     as_of, version, risk = customer.as_of_us, customer.version, customer.risk
     assert risk == EMPTY_BUNDLE.base_rate
-    promoted = replace(EMPTY_BUNDLE, version=2, models={"constant": ConstantModel(0.9)},
+    promoted = replace(EMPTY_BUNDLE, version=2, rescore_from=2,
+                       models={"constant": ConstantModel(0.9)},
                        champion="constant", model_version="constant@v1")
 
     assert customer.rescore(promoted, out)
@@ -360,11 +361,21 @@ def test_a_rescore_serves_the_new_model_at_the_same_instant_once():
     assert customer.version == rescored_version
     assert not ScoredCustomer("x").rescore(promoted, out)  # never seen: nothing to rescore
 
-    # A snapshot from before risk_by was kept loads, and its first rescore goes through.
+    # Newer bundles that serve the same: nothing to change; one that sweeps a refit in
+    # (the same model, other parameters): scored again.
+    learned_more = replace(promoted, version=5)
+    assert not customer.rescore(learned_more, out)
+    refitted = replace(promoted, version=7, rescore_from=7,
+                       models={"constant": ConstantModel(0.7)})
+    assert customer.rescore(refitted, out) and customer.risk == 0.7
+    assert customer.as_of_us == as_of and customer.scored_by == 7
+
+    # Snapshots from before the bundle version was kept (none kept, or the model's name)
+    # load, and their first rescore goes through.
     restore, (flat,) = customer.__reduce__()
-    older = restore(flat[:-1])
-    assert older.risk_by is None and older.risk == 0.9
-    assert older.rescore(promoted, out) and older.risk_by == "constant@v1"
+    for older in (restore(flat[:-1]), restore((*flat[:-1], "constant@v1"))):
+        assert older.scored_by is None and older.risk == 0.7
+        assert older.rescore(refitted, out) and older.scored_by == 7
 
 
 def test_a_rescore_reaches_every_registration_held_and_keeps_them():
@@ -453,7 +464,8 @@ def test_the_customer_step_rescores_with_a_bundle_at_least_as_new_as_the_wake(
         logic.on_batch([Accepted(purchase(day, n), message)])
     assert cache.get() is EMPTY_BUNDLE  # and it would not look again for an hour
 
-    promoted = replace(EMPTY_BUNDLE, version=3, models={"constant": ConstantModel(0.9)},
+    promoted = replace(EMPTY_BUNDLE, version=3, rescore_from=3,
+                       models={"constant": ConstantModel(0.9)},
                        champion="constant", model_version="constant@v1")
     doc = bundle_doc(layout, promoted)
     redis_conn.hset(doc.key, mapping={"v": doc.version, "doc": doc.doc})
@@ -515,3 +527,54 @@ def test_a_btyd_champion_scores_from_the_summary_as_from_all_the_features():
             assert customer.risk == model.predict_proba_one(customer._features(now, bundle))
             risks.add(customer.risk)
         assert len(risks) == 5  # the risk moved: each check compared a new figure
+
+
+def test_a_refit_rescores_everyone_once_the_flow_has_caught_up_with_its_input():
+    """A promotion rescores at once; a BTYD refit only when every partition has been read
+    to its end (live: each refit; a replay: the fit it ends with, not every one)."""
+    import random
+
+    from crmscore.layout import RedisLayout
+    from flows.scoring import ModelsLogic
+    from flows.timers import Rescore
+    from models.scoring import PopulationRow, ScoringConfig
+
+    logic = ModelsLogic(None, ScoringConfig(), RedisLayout("t:"), publish_seconds=0.0,
+                        refit_days=7.0, frozen=False, challengers="logreg", partitions={0})
+    rng = random.Random(1)
+
+    def read(day: float, offset: int, end: int | None = None) -> list[object]:
+        """A week of 300 customers' rows read from partition 0, up to ``day``."""
+        now = round(day * DAY_US)
+        rows: list[object] = []
+        for key in range(300):
+            first = rng.uniform(0, day - 30) * DAY_US
+            n = rng.randint(1, 6)
+            last = first if n == 1 else rng.uniform(first, now)
+            rows.append(PopulationRow(key, round(first), round(last), n, 20.0 * n, None, now))
+        counts = Counts(applied=300, clock_us=now, partitions=((0, now),),
+                        offsets=((0, offset),), ends=() if end is None else ((0, end),))
+        return [*rows, counts]
+
+    def fit_in(out: list[object]) -> list[object]:
+        """Wait for the running refit; what the step sends once it has taken it."""
+        assert logic.population.fitting
+        logic.population._fit.result(120)  # type: ignore[union-attr]
+        return out + logic.on_notify()[0]
+
+    def rescores(out: list[object]) -> list[int]:
+        return [r.bundle_version for r in out if isinstance(r, Rescore)]
+
+    # The first fit serves BG/NBD's prior in place of the base rate: a promotion.
+    out = fit_in(logic.on_batch(read(100, 999))[0])
+    assert logic.population.btyd is not None and rescores(out) == [logic.population.version]
+    # A week later, read up to offset 1999 of a partition whose end is further on: the
+    # refit is taken, served, and nobody is rescored yet.
+    first_sweep = logic.population.rescore_from
+    out = fit_in(logic.on_batch(read(108, 1999))[0])
+    assert logic.population.fitted_clock_us == 108 * DAY_US
+    assert rescores(out) == [] and logic.population.rescore_from == first_sweep
+    # The partition's end is read: everyone is rescored with that fit, once.
+    out, _ = logic.on_batch([Counts(offsets=((0, 2999),), ends=((0, 3000),))])
+    assert rescores(out) == [logic.population.version] == [logic.population.rescore_from]
+    assert rescores(logic.on_batch([Counts(ends=((0, 3000),))])[0]) == []
