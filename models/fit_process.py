@@ -1,6 +1,6 @@
 """The process that BTYD refits run in: one per flow process, started by the first refit.
 
-A refit (BG/NBD, Pareto/NBD, Gamma-Gamma) is 0.1-1.5 s of scipy driving Python-level
+A refit (BG/NBD, Pareto/NBD, Gamma-Gamma) is 0.1-3 s of scipy driving Python-level
 likelihoods. In a thread of the flow's process it held the GIL that long while the flow's
 own thread waited: with Pareto/NBD in every refit a full-speed replay lost a quarter of
 its throughput (2,296 events/s against 3,069). In a process of its own it takes another

@@ -11,7 +11,7 @@
   premium boundary, plus the BG/NBD inputs of the same sampled customers;
 
 and refits BG/NBD, Pareto/NBD and Gamma-Gamma on the sample every ``refit_days`` of
-event time, in a process of its own (models/fit_process.py: a fit takes ~0.1-1.5 s; the
+event time, in a process of its own (models/fit_process.py: a fit takes ~0.1-3 s; the
 flow does not wait for it). A failed or non-converged fit keeps the previous parameters
 and is reported. Its clock is the
 stream's watermark (:meth:`Population.advance`, flows/watermark.py), not the newest row:
