@@ -374,11 +374,10 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
             VersionedDoc(self.layout.model_report(), population.version,
                          orjson.dumps(report, option=orjson.OPT_SERIALIZE_NUMPY))]
         if bundle.rescore_from > self.announced_from:
-            log.info("%s: rescoring waiting customers (bundle %d)",
-                     f"served model {self.served} -> {served}" if promoted
-                     else f"BTYD refit of {format_time(population.btyd.fitted_at_us)}"
-                     if population.btyd is not None else "BTYD refit",
-                     bundle.version)
+            fit = population.btyd
+            why = (f"served model {self.served} -> {served}" if promoted else
+                   f"BTYD refit of {format_time(fit.fitted_at_us) if fit else '?'}")
+            log.info("%s: rescoring waiting customers (bundle %d)", why, bundle.version)
             out.append(Rescore(bundle.version))
             self.announced_from = bundle.rescore_from
         self.served = served

@@ -43,7 +43,7 @@ import functools
 import math
 from bisect import bisect_right
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, NamedTuple
 
 from models.alert_rules import REFUND_WINDOW, AlertRules
@@ -126,9 +126,6 @@ class ModelBundle:
     models: Mapping[str, ChurnModel] = field(default_factory=dict)
     champion: str | None = None  # None: serve the prior
     model_version: str = "prior:base_rate"
-    # The bundle version from which the served scores are current: a score computed with
-    # an older bundle is redone (another model serves, or a BTYD refit is swept in).
-    rescore_from: int = 0
     base_rate: float = 0.5
     boundaries: Boundaries | None = None
     premium_boundary: float | None = None
@@ -138,10 +135,24 @@ class ModelBundle:
     # Largest customer hash in the population sample once it is full: updates from
     # customers above it cannot enter the sample, so they are not sent.
     sample_threshold: int | None = None
+    # The bundle version from which the served scores are current: a score computed with
+    # an older bundle is redone (another model serves, or a BTYD refit is swept in).
+    rescore_from: int = 0
 
     @property
     def rules(self) -> LifecycleRules:
         return _rules(self.config.lifecycle, self.typical_gap_days)
+
+    def __setstate__(self, state: list[Any]) -> None:
+        """A bundle pickled by an earlier version (the one in Redis when the flow is
+        upgraded) lacks the fields added since, always at the end: they take their
+        defaults. dataclass's own pairs fields and values up to the shorter."""
+        for i, f in enumerate(fields(self)):
+            if i < len(state):
+                value = state[i]
+            else:
+                value = f.default if f.default_factory is MISSING else f.default_factory()
+            object.__setattr__(self, f.name, value)
 
 
 EMPTY_BUNDLE = ModelBundle()

@@ -578,3 +578,18 @@ def test_a_refit_rescores_everyone_once_the_flow_has_caught_up_with_its_input():
     out, _ = logic.on_batch([Counts(offsets=((0, 2999),), ends=((0, 3000),))])
     assert rescores(out) == [logic.population.version] == [logic.population.rescore_from]
     assert rescores(logic.on_batch([Counts(ends=((0, 3000),))])[0]) == []
+
+
+def test_a_bundle_pickled_before_a_field_was_added_loads_with_its_default():
+    """The bundle in Redis when the flow is upgraded was pickled by the older version:
+    the fields added since (at the end) take their defaults, the others keep their place."""
+    from dataclasses import replace
+
+    from models.scoring import ModelBundle
+
+    bundle = replace(EMPTY_BUNDLE, version=9, base_rate=0.2, model_version="bgnbd@v1",
+                     rescore_from=7)
+    assert pickle.loads(pickle.dumps(bundle)) == bundle
+    older = ModelBundle.__new__(ModelBundle)
+    older.__setstate__(bundle.__getstate__()[:-1])  # type: ignore[attr-defined]
+    assert older == replace(bundle, rescore_from=0)
