@@ -366,7 +366,7 @@ class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, An
         served = population.bundle_version_name()
         promoted = served != self.served and not self.frozen
         if promoted:
-            population.rescore_from = population.version
+            population.rescore_all()
         report = population.report(format_time(time.time_ns() // 1000))
         bundle = population.bundle()
         out: list[VersionedDoc | Rescore] = [

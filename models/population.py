@@ -151,7 +151,8 @@ class Population:
         return taken
 
     def rescore_all(self) -> None:
-        """Have every score computed with an older bundle redone (a new fit swept in)."""
+        """Have every score computed with an older bundle redone (another model served,
+        or a new fit swept in)."""
         self.version += 1
         self.rescore_from = self.version
 
