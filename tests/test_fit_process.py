@@ -16,6 +16,11 @@ def test_work_runs_in_another_process() -> None:
     assert fit_process.submit(os.getpid).result(timeout=60) != os.getpid()
 
 
+def test_work_runs_at_a_lower_cpu_priority_than_the_flow() -> None:
+    # os.nice(0) reads the niceness without changing it
+    assert fit_process.submit(os.nice, 0).result(timeout=60) == os.nice(0) + fit_process.NICENESS
+
+
 def test_a_worker_exits_when_its_flow_is_killed() -> None:
     # A "flow" that starts the worker, prints its pid, then dies without any clean-up.
     script = textwrap.dedent("""
