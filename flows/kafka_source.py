@@ -137,6 +137,34 @@ class _NoWaitConsumer:
         self._consumer.close()
 
 
+@dataclass(frozen=True)
+class ProcessShare:
+    """Which partitions a process of a bytewax cluster reads: partition p of every topic
+    goes to process p % processes.
+
+    Left to bytewax, every process lists every partition and bytewax gives each, in the
+    order of their names ("0-timers", "0-transactions", "1-timers", ...), to the worker
+    with the fewest so far: with two topics of as many partitions each and two processes,
+    one process read every transaction partition (it parsed every event and sent half
+    of them to the other) and the other every timers partition. Two processes were no
+    faster than one. A process listing only its share gets exactly that share.
+    """
+
+    index: int = 0
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.processes:
+            raise ValueError(f"process {self.index} of {self.processes}")
+
+    def reads(self, part: str) -> bool:
+        """Whether this process reads ``part`` ("3-topic" is topic's partition 3)."""
+        return int(part.split("-", 1)[0]) % self.processes == self.index
+
+
+SINGLE_PROCESS = ProcessShare()
+
+
 class NoWaitKafkaSource(KafkaSource):
     """bytewax's source with consumers that never wait (:class:`_NoWaitConsumer`).
 
@@ -147,10 +175,19 @@ class NoWaitKafkaSource(KafkaSource):
     """
 
     def __init__(self, *args: Any, consumer_config: dict[str, str],
-                 topic_config: dict[str, dict[str, str]], **kwargs: Any) -> None:
+                 topic_config: dict[str, dict[str, str]],
+                 share: ProcessShare | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._consumer_config = consumer_config
         self._topic_config = topic_config
+        self._share = share or SINGLE_PROCESS
+
+    def list_parts(self) -> list[str]:
+        """The partitions this process reads (:class:`ProcessShare`)."""
+        parts = [part for part in super().list_parts() if self._share.reads(part)]
+        log.info("process %d of %d reads partitions %s", self._share.index,
+                 self._share.processes, ", ".join(sorted(parts)) or "none")
+        return parts
 
     def config_for(self, for_part: str) -> dict[str, Any]:
         """The settings of a partition's consumer ("3-topic" is topic's partition 3)."""
@@ -196,12 +233,14 @@ def _end_of(err: KafkaError[bytes | None, bytes | None]) -> PartitionEnd:
 @operator
 def kafka_input(step_id: str, flow: Dataflow, *, brokers: list[str], topics: list[str],
                 tail: bool, add_config: dict[str, str], consumer_config: dict[str, str],
-                topic_config: dict[str, dict[str, str]] | None = None) -> SourceOut:
+                topic_config: dict[str, dict[str, str]] | None = None,
+                share: ProcessShare = SINGLE_PROCESS) -> SourceOut:
     """As ``bytewax.connectors.kafka.operators.input``, from the start of the topics
-    (settings as in :class:`NoWaitKafkaSource`), with the ends of partitions apart."""
+    (settings as in :class:`NoWaitKafkaSource`), with the ends of partitions apart;
+    ``share``: the partitions this process of a cluster reads."""
     source = NoWaitKafkaSource(brokers, topics, tail, add_config=add_config,
                                raise_on_errors=False, consumer_config=consumer_config,
-                               topic_config=topic_config or {})
+                               topic_config=topic_config or {}, share=share)
     read = op.branch("split_err", op.input("kafka_input", flow, source), _is_message)
     errs = cast(Stream[KafkaError[bytes | None, bytes | None]], read.falses)
     errors: op.BranchOut[Any, Any] = op.branch("split_ends", errs, _is_end)

@@ -25,6 +25,7 @@ from bytewax.run import cli_main
 from crmscore.clients import ensure_topics
 from crmscore.doc_codec import DocumentError
 from crmscore.settings import Settings
+from flows.kafka_source import ProcessShare
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
 from flows.recovery_scan import ScanWatch
 from flows.scoring import build_flow
@@ -100,11 +101,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     signal.signal(signal.SIGINT, _exit_on_signal)
     ensure_topics(settings, [settings.transactions_topic, settings.dlq_topic,
                              settings.timers_topic, settings.alerts_topic])
+    addresses = args.addresses.split(";") if args.addresses else None
     try:
+        share = ProcessShare(args.process_id or 0, len(addresses) if addresses else 1)
         flow = build_flow(settings, tail=not args.until_end,
                           on_lost=functools.partial(restart_on_store_lost, settings),
-                          rewrite_store=args.rewrite_store)
-    except (AlertRulesError, ModelRegistryError, ChurnModelsError, DocumentError) as exc:
+                          rewrite_store=args.rewrite_store, share=share)
+    except (AlertRulesError, ModelRegistryError, ChurnModelsError, DocumentError,
+            ValueError) as exc:
         log.error("%s", exc)
         return 2
     tune_gc()
@@ -112,7 +116,6 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if recovery is not None:
         ScanWatch(Path(settings.recovery_dir), settings.snapshot_interval).start()
     log.info("flow starting: %s", settings.redacted())
-    addresses = args.addresses.split(";") if args.addresses else None
     cli_main(
         flow,
         workers_per_process=args.workers_per_process,

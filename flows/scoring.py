@@ -50,10 +50,11 @@ from crmscore.clients import (
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
+from flows.batching import Unbatched, batched_by_key
 from flows.clock import UNPARTITIONED, ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink, kafka_output
-from flows.kafka_source import PartitionEnd, kafka_input
+from flows.kafka_source import SINGLE_PROCESS, PartitionEnd, ProcessShare, kafka_input
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
@@ -403,8 +404,9 @@ def split(step_id: str, stream: Stream[Any], *kinds: type) -> list[Stream[Any]]:
 
 
 def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise_store_lost,
-               rewrite_store: bool = False) -> Dataflow:
-    """The dataflow; ``tail=False`` stops at the end of the topics (batch replays, tests).
+               rewrite_store: bool = False, share: ProcessShare = SINGLE_PROCESS) -> Dataflow:
+    """The dataflow; ``tail=False`` stops at the end of the topics (batch replays, tests);
+    ``share``: the Kafka partitions this process of a cluster reads.
 
     ``on_lost`` is called when Redis loses the flow's data while it runs; resumed
     customers rewrite their documents if it had lost them before the start, or with
@@ -434,7 +436,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
         "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic, timers_topic],
         tail=tail, add_config=kafka_config,
         consumer_config={**CONSUMER_DEFAULTS, **SCORING_PREFETCH},
-        topic_config={timers_topic: TIMERS_CONSUMER},
+        topic_config={timers_topic: TIMERS_CONSUMER}, share=share,
     )
     # KafkaSourceMessage(key=customer_id bytes, value=event JSON or due instant bytes)
     parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us, timers_topic, started_ms))
@@ -455,18 +457,19 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
 
     live = op.filter("live_alerts", alerts, is_published)
     kafka_output("alerts_out", op.map("alert_message", live, alert_message),
-                 KafkaTopicSink(settings, settings.alerts_topic))
+                 KafkaTopicSink(settings, settings.alerts_topic, share))
     alert_report = op.stateful_batch(
         "alert_report",
-        op.key_on("alert_report_key", op.merge("alert_report_in", alerts, outcomes),
-                  lambda _: "alerts"),
-        lambda resume: AlertReportLogic(resume, layout, settings.model_publish_seconds),
+        batched_by_key("alert_report_batches",
+                       op.key_on("alert_report_key", op.merge("alert_report_in", alerts, outcomes),
+                                 lambda _: "alerts")),
+        lambda resume: Unbatched(AlertReportLogic(resume, layout, settings.model_publish_seconds)),
     )
 
     refused_early = op.merge("refused_early", refused_or_not.trues, broken)
     refused = op.merge("all_refused", refused_early, refused_late)
     kafka_output("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
-                 KafkaTopicSink(settings, settings.dlq_topic))
+                 KafkaTopicSink(settings, settings.dlq_topic, share))
 
     # Customers count what they refuse; count the transactions refused before them here
     # (a malformed wake-up is not a transaction: dead-lettered, not counted).
@@ -481,29 +484,33 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     counts = op.flat_map_batch("sum_counts", counts, lambda batch: [sum_counts(batch)])
 
     models = op.stateful_batch(
-        "models", op.key_on("models_key", op.merge("models_in", learning, counts),
-                            lambda _: "models"),
-        lambda resume: ModelsLogic(resume, config, layout, settings.model_publish_seconds,
-                                   settings.btyd_refit_days, bundles.frozen,
-                                   settings.churn_models, settings.partition_idle_seconds,
-                                   partitions),
+        "models",
+        batched_by_key("models_batches",
+                       op.key_on("models_key", op.merge("models_in", learning, counts),
+                                 lambda _: "models")),
+        lambda resume: Unbatched(ModelsLogic(
+            resume, config, layout, settings.model_publish_seconds, settings.btyd_refit_days,
+            bundles.frozen, settings.churn_models, settings.partition_idle_seconds,
+            partitions)),
     )
     model_docs, rescores = split("models_out", op.key_rm("drop_models_key", models),
                                  VersionedDoc)
 
     clock_in = op.merge("clock_in", counts, registrations, cancels, rescores)
     clock_out = op.stateful_batch(
-        "clock", op.key_on("clock_key", clock_in, lambda _: "clock"),
-        lambda resume: ClockLogic(resume, layout, settings.rescore_rate,
-                                  settings.partition_idle_seconds, partitions),
+        "clock",
+        batched_by_key("clock_batches", op.key_on("clock_key", clock_in, lambda _: "clock")),
+        lambda resume: Unbatched(ClockLogic(resume, layout, settings.rescore_rate,
+                                            settings.partition_idle_seconds, partitions)),
     )
     status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
                                         VersionedDoc, Wake)
     # to_buckets: (bucket, Registration | Tick | RescoreAll)
-    fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
+    fired = op.stateful_batch("timers", batched_by_key("timer_batches", to_buckets),
+                              lambda resume: Unbatched(TimerBucketLogic(resume)))
     wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
     kafka_output("wake_ups", op.map("encode_wake", wakes, encode_wake),
-                 KafkaTopicSink(settings, timers_topic))
+                 KafkaTopicSink(settings, timers_topic, share))
 
     docs = op.merge("all_docs", scores, status, model_docs,
                     op.key_rm("drop_alert_report_key", alert_report))
