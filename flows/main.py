@@ -104,11 +104,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     addresses = args.addresses.split(";") if args.addresses else None
     try:
         share = ProcessShare(args.process_id or 0, len(addresses) if addresses else 1)
+    except ValueError as exc:
+        log.error("-i/--process-id is %s: it counts from 0, below the number of --addresses",
+                  exc)
+        return 2
+    try:
         flow = build_flow(settings, tail=not args.until_end,
                           on_lost=functools.partial(restart_on_store_lost, settings),
                           rewrite_store=args.rewrite_store, share=share)
-    except (AlertRulesError, ModelRegistryError, ChurnModelsError, DocumentError,
-            ValueError) as exc:
+    except (AlertRulesError, ModelRegistryError, ChurnModelsError, DocumentError) as exc:
         log.error("%s", exc)
         return 2
     tune_gc()

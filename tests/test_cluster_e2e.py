@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from crmscore.embedded import free_port
-from tests.pipeline import FlowEnv, check_final_state, generated_stream, publish, status
+from tests.pipeline import FlowEnv, check_final_state, generated_stream, log_tail, publish, status
 from tests.reference import recompute
 
 pytestmark = [pytest.mark.e2e]
@@ -50,3 +50,12 @@ def test_two_processes_then_rescaled_to_one_and_back_end_exact(broker, redis_url
         assert st is not None and st["events_consumed"] == end, (processes, st)
         start = end
     check_final_state(env, conn, recompute(lines, malformed), len(lines))
+
+
+def test_a_process_index_outside_the_addresses_is_refused_with_a_clear_error(
+        broker, redis_url, unique, tmp_path: Path):
+    env = FlowEnv(broker.address, redis_url, unique, tmp_path / "recovery")
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    proc = env.start_flow("--until-end", "-i", "2", "-a", addresses)
+    assert proc.wait(120) == 2
+    assert "-i/--process-id is process 2 of 2" in log_tail(proc)
