@@ -33,6 +33,7 @@ from crmscore.clients import RedisClient, redis_client
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.store_marker import raise_store_lost
+from flows.worker_thread import keep_thread_state
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class RedisDocSink(DynamicSink[VersionedDoc]):
         self._on_lost = on_lost
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _RedisDocPartition:
+        # Each worker builds this once, on its own thread, before any item flows.
+        keep_thread_state()
         marker = RedisLayout(self._settings.redis_prefix).store_marker()
         client = redis_client(self._settings)
         if isinstance(client, redis.RedisCluster):
