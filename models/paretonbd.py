@@ -222,7 +222,9 @@ def fit_paretonbd_report(
                 upper=(LOG_BOUND, LOG_BOUND, math.log(MAX_S), LOG_BOUND))
         except _OutOfTime:
             log_params, converged, message = x0, False, f"gave up after {budget_s:g} s of CPU"
-            deadline = None
+        # The budget bounds the search, not the one evaluation that reports its result: a
+        # search that converged as the budget ran out raised here once and stopped the flow.
+        deadline = None
         r, alpha_s, s, beta_s = np.exp(log_params)
         params = ParetoNbdParams(float(r), float(alpha_s / scale), float(s),
                                  float(beta_s / scale))

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import numpy as np
 
 from models import fit_process
 from models.arena import ArenaConfig, ChurnArena
-from models.btyd import FitError, PopulationModel, fit_population
+from models.btyd import PopulationModel, fit_population
 from models.churn import (
     DEFAULT_CHALLENGERS,
     BgNbdChurnModel,
@@ -181,9 +180,12 @@ class Population:
     def _collect(self, fit: Future[PopulationModel]) -> bool:
         try:
             model = fit.result()
-        except (FitError, ValueError, FloatingPointError, BrokenProcessPool) as exc:
-            self._log_fit({"ok": False, "error": str(exc) or type(exc).__name__})
-            log.warning("BTYD refit failed, keeping the previous parameters: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a failed refit must not stop the scoring
+            # Degenerate data (FitError), a killed worker (BrokenProcessPool), or a bug in
+            # the fit: the previous parameters serve on, and the next refit tries again.
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self._log_fit({"ok": False, "error": error})
+            log.warning("BTYD refit failed, keeping the previous parameters: %s", error)
             return False
         self._log_fit({"ok": model.converged, **model.to_dict()})
         if not model.converged and self.btyd is not None:

@@ -141,6 +141,29 @@ def test_a_fit_that_cannot_finish_in_its_budget_is_not_converged() -> None:
     assert math.isfinite(fit.params.r)
 
 
+def test_a_fit_that_converges_as_its_budget_runs_out_is_kept(monkeypatch) -> None:
+    # The search ends within the budget; the CPU clock passes the deadline before the
+    # fit's final likelihood is computed. That evaluation once raised, and the flow died.
+    from types import SimpleNamespace
+
+    from models import paretonbd
+
+    cpu = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(paretonbd, "time", SimpleNamespace(thread_time=lambda: cpu.now))
+    search = paretonbd.minimize_log_params
+
+    def search_then_run_out(*args, **kwargs):
+        found = search(*args, **kwargs)
+        cpu.now = 1e9
+        return found
+
+    monkeypatch.setattr(paretonbd, "minimize_log_params", search_then_run_out)
+    x, t_x, T = sample(TRUE, 4000, seed=4)
+    fit = fit_paretonbd_report(x, t_x, T, budget_s=3.0)
+    assert fit.converged, fit.message
+    assert math.isfinite(fit.log_likelihood)
+
+
 def test_population_fit_carries_pareto_for_the_churn_contender() -> None:
     x, t_x, T = sample(TRUE, 3000, seed=5)
     spend = np.full(x.size, 30.0) + x

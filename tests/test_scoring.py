@@ -593,3 +593,31 @@ def test_a_bundle_pickled_before_a_field_was_added_loads_with_its_default():
     older = ModelBundle.__new__(ModelBundle)
     older.__setstate__(bundle.__getstate__()[:-1])  # type: ignore[attr-defined]
     assert older == replace(bundle, rescore_from=0)
+
+
+def test_a_refit_that_raises_keeps_the_previous_parameters_and_the_flow_going(monkeypatch):
+    """Whatever a refit raises in its worker (here a bug's RuntimeError), the models step
+    logs it and serves on: the next refit tries again."""
+    from concurrent.futures import Future
+
+    from crmscore.layout import RedisLayout
+    from flows.scoring import ModelsLogic
+    from models import population
+    from models.scoring import PopulationRow, ScoringConfig
+
+    def failing(*args, **kwargs):
+        failed: Future[object] = Future()
+        failed.set_exception(RuntimeError("a bug in the fit"))
+        return failed
+
+    monkeypatch.setattr(population.fit_process, "submit", failing)
+    logic = ModelsLogic(None, ScoringConfig(), RedisLayout("t:"), publish_seconds=0.0,
+                        refit_days=7.0, frozen=False, challengers="logreg", partitions={0})
+    now = 100 * DAY_US
+    rows = [PopulationRow(key, 10 * DAY_US, 50 * DAY_US, 3, 60.0, None, now)
+            for key in range(300)]
+    counts = Counts(applied=300, clock_us=now, partitions=((0, now),), offsets=((0, 299),))
+    logic.on_batch([*rows, counts])
+    assert logic.population.fitting
+    logic.on_notify()  # collects the failed fit: no exception reaches bytewax
+    assert logic.population.btyd is None and not logic.population.fitting
