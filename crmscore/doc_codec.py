@@ -50,10 +50,11 @@ def dictionary() -> zstandard.ZstdCompressionDict:
 
 
 # zstd contexts are not thread-safe: one of each per thread, found by the OS thread's id.
-# Not threading.local: a bytewax cluster worker (`-i/-a`) is a thread that Rust started,
-# and it holds a new Python thread state, with empty thread-locals, at each call into
-# Python; a context made again per batch cost ~40 µs against ~2 µs per document reused.
-# An id reused by a later thread inherits the contexts of one that has ended.
+# Not threading.local: a thread that Rust started (a bytewax cluster worker, `-i/-a`) may
+# get a new Python thread state, with empty thread-locals, at each call into Python (the
+# flow keeps its workers' states: flows/worker_thread.py); a context made again per batch
+# cost ~40 µs against ~2 µs reused. An id reused by a later thread inherits the contexts
+# of one that has ended.
 _compressors: dict[int, zstandard.ZstdCompressor] = {}
 _decompressors: dict[int, zstandard.ZstdDecompressor] = {}
 
