@@ -158,8 +158,14 @@ class ProcessShare:
             raise ValueError(f"process {self.index} of {self.processes}")
 
     def reads(self, part: str) -> bool:
-        """Whether this process reads ``part`` ("3-topic" is topic's partition 3)."""
-        return int(part.split("-", 1)[0]) % self.processes == self.index
+        """Whether this process reads the input partition ``part``."""
+        return partition_of(part)[0] % self.processes == self.index
+
+
+def partition_of(part: str) -> tuple[int, str]:
+    """An input partition's (Kafka partition, topic): "3-topic" is topic's partition 3."""
+    index, topic = part.split("-", 1)
+    return int(index), topic
 
 
 SINGLE_PROCESS = ProcessShare()
@@ -190,8 +196,8 @@ class NoWaitKafkaSource(KafkaSource):
         return parts
 
     def config_for(self, for_part: str) -> dict[str, Any]:
-        """The settings of a partition's consumer ("3-topic" is topic's partition 3)."""
-        topic = for_part.split("-", 1)[1]
+        """The settings of a partition's consumer."""
+        topic = partition_of(for_part)[1]
         return {**self._consumer_config, **self._topic_config.get(topic, {}),
                 **self._add_config, "enable.partition.eof": "true"}
 

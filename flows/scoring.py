@@ -50,7 +50,7 @@ from crmscore.clients import (
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.alerting import AlertReportLogic, alert_message, is_published
-from flows.batching import Unbatched, batched_by_key
+from flows.batching import Unbatched, to_one_key
 from flows.clock import UNPARTITIONED, ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink, kafka_output
@@ -460,9 +460,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
                  KafkaTopicSink(settings, settings.alerts_topic, share))
     alert_report = op.stateful_batch(
         "alert_report",
-        batched_by_key("alert_report_batches",
-                       op.key_on("alert_report_key", op.merge("alert_report_in", alerts, outcomes),
-                                 lambda _: "alerts")),
+        to_one_key("alert_report", op.merge("alert_report_in", alerts, outcomes), "alerts"),
         lambda resume: Unbatched(AlertReportLogic(resume, layout, settings.model_publish_seconds)),
     )
 
@@ -485,9 +483,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
 
     models = op.stateful_batch(
         "models",
-        batched_by_key("models_batches",
-                       op.key_on("models_key", op.merge("models_in", learning, counts),
-                                 lambda _: "models")),
+        to_one_key("models", op.merge("models_in", learning, counts), "models"),
         lambda resume: Unbatched(ModelsLogic(
             resume, config, layout, settings.model_publish_seconds, settings.btyd_refit_days,
             bundles.frozen, settings.churn_models, settings.partition_idle_seconds,
@@ -499,15 +495,14 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     clock_in = op.merge("clock_in", counts, registrations, cancels, rescores)
     clock_out = op.stateful_batch(
         "clock",
-        batched_by_key("clock_batches", op.key_on("clock_key", clock_in, lambda _: "clock")),
+        to_one_key("clock", clock_in, "clock"),
         lambda resume: Unbatched(ClockLogic(resume, layout, settings.rescore_rate,
                                             settings.partition_idle_seconds, partitions)),
     )
     status, due_now, to_buckets = split("clock_out", op.key_rm("drop_clock_key", clock_out),
                                         VersionedDoc, Wake)
     # to_buckets: (bucket, Registration | Tick | RescoreAll)
-    fired = op.stateful_batch("timers", batched_by_key("timer_batches", to_buckets),
-                              lambda resume: Unbatched(TimerBucketLogic(resume)))
+    fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
     wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
     kafka_output("wake_ups", op.map("encode_wake", wakes, encode_wake),
                  KafkaTopicSink(settings, timers_topic, share))

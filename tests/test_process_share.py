@@ -4,8 +4,6 @@ items bound for one key (flows/batching.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from bytewax.operators import StatefulBatchLogic
 
@@ -35,7 +33,7 @@ def test_a_process_outside_the_cluster_is_refused() -> None:
 @pytest.mark.parametrize("processes", [1, 2, 3, 65])
 def test_sink_partitions_are_listed_by_one_process_each_and_the_set_never_shrinks(
         processes: int) -> None:
-    settings = dataclasses.replace(Settings.from_env({}))
+    settings = Settings.from_env({})
     sinks = [KafkaTopicSink(settings, "alerts", ProcessShare(i, processes))
              for i in range(processes)]
     listed = [part for sink in sinks for part in sink.list_parts()]
