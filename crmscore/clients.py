@@ -17,12 +17,13 @@ log = logging.getLogger(__name__)
 # (librdkafka's default 500 ms dominates p99; 0 makes tansu deliver nothing).
 CONSUMER_DEFAULTS = {"fetch.wait.max.ms": "10", "session.timeout.ms": "6000"}
 
-# The scoring flow's consumers prefetch at most ~2 MB per partition (librdkafka's default:
-# up to 64 MB and 100k messages each). The flow scores ~2k events/s, so 2 MB is seconds
-# of work; the default let a replay's backlog sit in memory: peak RSS at 100k customers'
-# replay 1,015 -> 865 MiB, throughput unchanged (bench/memory.py). The trivial baseline
-# flow keeps the defaults: a buffer this small slowed it (31k -> 22k events/s, one run).
-SCORING_PREFETCH = {"queued.max.messages.kbytes": "2048", "queued.min.messages": "5000"}
+# The scoring flow's consumer (one per process, for all its partitions) prefetches at most
+# ~8 MB (librdkafka's default: up to 64 MB and 100k messages per partition). The flow
+# scores ~3k events/s, so 8 MB is seconds of work; the default let a replay's backlog sit
+# in memory: peak RSS at 100k customers' replay 1,015 -> 865 MiB with 2 MB for each of
+# four partitions, throughput unchanged (bench/memory.py). The trivial baseline flow keeps
+# the defaults: a buffer this small slowed it (31k -> 22k events/s, one run).
+SCORING_PREFETCH = {"queued.max.messages.kbytes": "8192", "queued.min.messages": "5000"}
 
 
 # What redis_client returns: both answer the same single-key commands, pipelines and

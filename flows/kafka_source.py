@@ -1,47 +1,57 @@
-"""bytewax's Kafka input, made never to block the worker on an empty partition.
+"""bytewax's Kafka input, read through one consumer per process that never blocks.
 
-bytewax 0.21's Kafka partitions poll with ``consumer.consume(batch_size, 0.001)``: each
-empty partition holds the worker for a millisecond, every time it is polled, and bytewax
-polls an empty partition again a millisecond later. The flow reads eight partitions
-(four of transactions, four of wake-ups, mostly empty while it runs live): a live flow
-spent a fifth of its thread asleep in those polls, with scoring waiting behind them.
+bytewax 0.21's Kafka source gives every partition a consumer of its own, which polls with
+``consumer.consume(batch_size, 0.001)``. The flow reads eight partitions (four of
+transactions, four of wake-ups, mostly empty while it runs live), so:
 
-Here each poll takes only what librdkafka's background fetcher has already buffered
-(timeout 0). An empty poll costs microseconds; bytewax's own one-millisecond pause
-after an empty batch keeps the worker from spinning. Offsets, recovery, end-of-partition
-and error handling stay bytewax's: only the consumers' settings change. Each partition
-has its own consumer (bytewax's), and some topics' consumers can be set apart (the
-flow's wake-ups wait longer per fetch). Step ids are those
-of ``bytewax.connectors.kafka.operators.input``, so snapshots of either resume in the
+- each empty partition held the worker for a millisecond every time bytewax polled it,
+  a millisecond later: a live flow spent a fifth of its thread asleep in those polls;
+- each consumer sent the broker its own fetch request every ``fetch.wait.max.ms``
+  (10 ms for transactions, 100 ms for wake-ups): an idle flow kept tansu at 22-23% of a
+  core, on the two cores the flow itself needs (one consumer: 11-13%; at 1,000 events/s
+  38-65% against 44-71%, most of it the producers' requests).
+
+Here one librdkafka consumer per process (:class:`SharedConsumer`) is assigned every
+partition the process reads, and one fetch request covers them all. Each bytewax
+partition (:class:`PartitionReader`) takes its own messages from what that consumer has
+already buffered (timeout 0): an empty poll costs microseconds, and bytewax's own
+one-millisecond pause after an empty batch keeps the worker from spinning. Offsets and
+recovery stay bytewax's: a partition's state is the next offset to read, as with
+bytewax's own source, and the step ids are those of
+``bytewax.connectors.kafka.operators.input``, so snapshots of either resume in the
 other. Relies on bytewax internals of the pinned version (pyproject.toml).
 
-*Ends of partitions.* Each time a consumer has read everything its partition held,
-librdkafka says so (``enable.partition.eof``); bytewax takes that as the end of input,
-so it is off when a source tails. Here it is always on, and each end comes out of
-:func:`kafka_input` as a :class:`PartitionEnd` (the next offset to read: the partition's
-end when it was fetched) before bytewax sees it, and only when the source does not tail
-does bytewax then stop the partition. The stream clock uses the ends to tell a partition
-that is caught up from one that merely went silent with events unread
-(flows/watermark.py). The broker's high watermark cannot tell: tansu reports it too low.
+*Ends of partitions.* Each time the consumer has read everything a partition held,
+librdkafka says so (``enable.partition.eof``); bytewax's source takes that as the end of
+input, so it turns them off when a source tails. Here they are always on, and each end
+comes out of :func:`kafka_input` as a :class:`PartitionEnd` (the next offset to read: the
+partition's end when it was fetched); only when the source does not tail does the
+partition then stop. The stream clock uses the ends to tell a partition that is caught
+up from one that merely went silent with events unread (flows/watermark.py). The
+broker's high watermark cannot tell: tansu reports it too low.
 
 *Errors.* An error about a record (it has an offset: a message that cannot be read)
 comes out as bytewax's ``KafkaError``, and the flow dead-letters and counts it. An
 error of the client itself (a broker unreachable: no record, no offset) is logged and
-dropped here, as librdkafka retries by itself; a fatal one stops the flow. Passed on,
-it was counted as a refused transaction (one more consumed than the topic held) and
+dropped, as librdkafka retries by itself; a fatal one stops the flow. Passed on, it was
+counted as a refused transaction (one more consumed than the topic held) and
 dead-lettered naming no message.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeGuard, cast
+from typing import Any, NamedTuple, TypeGuard
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSource, KafkaSourceMessage
 from bytewax.dataflow import Dataflow, Stream, operator
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException
+from bytewax.inputs import StatefulSourcePartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka import KafkaError as ConfluentError
 
 log = logging.getLogger(__name__)
@@ -49,9 +59,9 @@ log = logging.getLogger(__name__)
 
 class PartitionEnd(NamedTuple):
     """A consumer read everything ``topic``'s ``partition`` held: ``offset`` is its end
-    (the next offset to read) as of the fetch that found it. ``first``: the consumer
-    had delivered no message before (the partition held nothing past where this run
-    started reading)."""
+    (the next offset to read) as of the fetch that found it. ``first``: the partition
+    had delivered no message before (it held nothing past where this run started
+    reading)."""
 
     topic: str
     partition: int
@@ -59,82 +69,134 @@ class PartitionEnd(NamedTuple):
     first: bool
 
 
-class _EndError:
-    """The error of an :class:`_EndMessage`: not librdkafka's end-of-partition code, so
-    that bytewax passes it on as a ``KafkaError`` instead of stopping the partition."""
+Message = KafkaSourceMessage[bytes | None, bytes | None]
+# What a partition reads: a message, a record that could not be read, or its end.
+Read = Message | KafkaError[bytes | None, bytes | None] | PartitionEnd
 
-    def __init__(self, end: PartitionEnd) -> None:
-        self.end = end
-
-    def code(self) -> int:
-        return 0  # RD_KAFKA_RESP_ERR_NO_ERROR: never librdkafka's _PARTITION_EOF
-
-
-class _EndMessage:
-    """librdkafka's end-of-partition event, in the shape bytewax reads messages in. Its
-    offset is the last one read, from which bytewax resumes at the next: the end."""
-
-    def __init__(self, eof: Any, first: bool) -> None:
-        self._error = _EndError(PartitionEnd(eof.topic(), eof.partition(), eof.offset(), first))
-
-    def error(self) -> _EndError:
-        return self._error
-
-    def offset(self) -> int:
-        return self._error.end.offset - 1
-
-    def partition(self) -> int:
-        return self._error.end.partition
-
-    def topic(self) -> str:
-        return self._error.end.topic
-
-    def key(self) -> None:
-        return None
-
-    def value(self) -> None:
-        return None
-
-    def headers(self) -> None:
-        return None
-
-    def latency(self) -> None:
-        return None
-
-    def timestamp(self) -> tuple[int, int]:
-        return TIMESTAMP_NOT_AVAILABLE, 0
+FETCH_MESSAGES = 10_000  # most messages taken from librdkafka's buffer at a time
+# A partition's queue this long pauses its fetching (each empty reader fetches for all:
+# an idle partition's reader would otherwise pull a busy one's backlog into its queue
+# without end); it resumes once its reader has taken half.
+QUEUE_PAUSE = 5_000
 
 
-class _NoWaitConsumer:
-    """A consumer whose ``consume`` returns at once with what is buffered, each end of
-    partition preceded by an :class:`_EndMessage` (and dropped when the source tails),
-    errors of the client itself logged and dropped (see *Errors* above)."""
+class SharedConsumer:
+    """One consumer for every partition a process reads: each partition's messages wait in
+    a queue of its own until its reader takes them (:meth:`take`). Thread-safe: with
+    several workers in a process (``-w``) each reads some of the partitions."""
 
-    def __init__(self, consumer: Consumer, tail: bool) -> None:
-        self._consumer = consumer
-        self._tail = tail
-        self._delivered = False  # a message, in this run
+    def __init__(self, config: dict[str, Any],
+                 make: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        self._config = config
+        self._make = make
+        self._consumer: Any = None  # made with the first assignment
+        self._queues: dict[tuple[str, int], deque[Any]] = {}
+        self._paused: set[tuple[str, int]] = set()
+        self._lock = threading.Lock()
 
-    def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        out: list[Any] = []
-        for msg in self._consumer.consume(num_messages, 0):
+    def assign(self, topic: str, partition: int, offset: int) -> None:
+        with self._lock:
+            if self._consumer is None:
+                self._consumer = (self._make or Consumer)(self._config)
+            self._queues[topic, partition] = deque()
+            self._consumer.incremental_assign([TopicPartition(topic, partition, offset)])
+
+    def take(self, topic: str, partition: int, most: int) -> list[Any]:
+        """Up to ``most`` of the partition's messages, fetching from librdkafka's buffer
+        (without waiting) when none are queued."""
+        with self._lock:
+            key = topic, partition
+            queue = self._queues[key]
+            if not queue:
+                self._fetch()
+            taken = [queue.popleft() for _ in range(min(most, len(queue)))]
+            if key in self._paused and len(queue) < QUEUE_PAUSE // 2:
+                self._paused.discard(key)
+                self._consumer.resume([TopicPartition(topic, partition)])
+            return taken
+
+    def release(self, topic: str, partition: int) -> None:
+        """The partition's reader is done; the consumer closes with the last one."""
+        with self._lock:
+            self._paused.discard((topic, partition))
+            if self._queues.pop((topic, partition), None) is None or self._consumer is None:
+                return
+            if self._queues:
+                self._consumer.incremental_unassign([TopicPartition(topic, partition)])
+            else:
+                self._consumer.close()
+                self._consumer = None
+
+    def _fetch(self) -> None:
+        assert self._consumer is not None
+        grown = set()
+        for msg in self._consumer.consume(FETCH_MESSAGES, 0):
             error = msg.error()
-            if error is None:
-                self._delivered = True
-            elif error.code() == ConfluentError._PARTITION_EOF:
-                out.append(_EndMessage(msg, first=not self._delivered))
-                if self._tail:
-                    continue
-            elif msg.offset() is None:  # the client's error, not a record's
-                if error.fatal():
+            if (error is not None and msg.offset() is None
+                    and error.code() != ConfluentError._PARTITION_EOF):
+                if error.fatal():  # the client's own error, not a record's
                     raise KafkaException(error)
                 log.warning("Kafka consumer error (the client retries): %s", error)
                 continue
-            out.append(msg)
+            key = msg.topic() or "", msg.partition() or 0
+            queue = self._queues.get(key)
+            if queue is not None:  # else fetched before its partition was released
+                queue.append(msg)
+                grown.add(key)
+        for key in grown:
+            if len(self._queues[key]) >= QUEUE_PAUSE and key not in self._paused:
+                self._paused.add(key)
+                self._consumer.pause([TopicPartition(*key)])
+
+
+class PartitionReader(StatefulSourcePartition[Read, int]):
+    """One partition, read from the :class:`SharedConsumer`; its state is the next offset
+    to read. Without ``tail`` it stops at the partition's end."""
+
+    def __init__(self, consumer: SharedConsumer, topic: str, partition: int, offset: int,
+                 tail: bool, batch_size: int) -> None:
+        self._consumer = consumer
+        self._topic, self._partition = topic, partition
+        self._offset = offset
+        self._tail = tail
+        self._batch_size = batch_size
+        self._delivered = False  # a message, in this run
+        self._ended = False
+        consumer.assign(topic, partition, offset)
+
+    def next_batch(self) -> list[Read]:
+        if self._ended:
+            raise StopIteration()
+        out: list[Read] = []
+        for msg in self._consumer.take(self._topic, self._partition, self._batch_size):
+            error = msg.error()
+            if error is not None and error.code() == ConfluentError._PARTITION_EOF:
+                out.append(PartitionEnd(self._topic, self._partition, msg.offset(),
+                                        first=not self._delivered))
+                self._offset = max(self._offset, msg.offset())
+                if not self._tail:  # what follows is read by the next run
+                    self._ended = True
+                    self._consumer.release(self._topic, self._partition)
+                    break
+                continue
+            message: Message = KafkaSourceMessage(
+                key=msg.key(), value=msg.value(), topic=msg.topic(),
+                headers=msg.headers() or [], latency=msg.latency(), offset=msg.offset(),
+                partition=msg.partition(), timestamp=msg.timestamp(),
+            )
+            if error is None:
+                self._delivered = True
+                out.append(message)
+            else:
+                out.append(KafkaError(error, message))
+            self._offset = msg.offset() + 1
         return out
 
+    def snapshot(self) -> int:
+        return self._offset
+
     def close(self) -> None:
-        self._consumer.close()
+        self._consumer.release(self._topic, self._partition)
 
 
 @dataclass(frozen=True)
@@ -171,22 +233,30 @@ def partition_of(part: str) -> tuple[int, str]:
 SINGLE_PROCESS = ProcessShare()
 
 
-class NoWaitKafkaSource(KafkaSource):
-    """bytewax's source with consumers that never wait (:class:`_NoWaitConsumer`).
+class SharedKafkaSource(KafkaSource):
+    """bytewax's source (it lists the partitions), read through one
+    :class:`SharedConsumer` per process.
 
-    ``add_config`` goes to the consumers and to the admin client that lists the
+    ``add_config`` goes to the consumer and to the admin client that lists the
     partitions, so it holds only settings both take (librdkafka warns of the others);
-    ``consumer_config`` goes to every consumer, ``topic_config`` to those of some topics.
-    ``add_config`` (the user's settings) wins over both.
+    ``consumer_config`` goes to the consumer only. ``add_config`` (the user's settings)
+    wins.
     """
 
     def __init__(self, *args: Any, consumer_config: dict[str, str],
-                 topic_config: dict[str, dict[str, str]],
                  share: ProcessShare | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._consumer_config = consumer_config
-        self._topic_config = topic_config
         self._share = share or SINGLE_PROCESS
+        self._shared = SharedConsumer(self.consumer_settings(consumer_config))
+
+    def consumer_settings(self, consumer_config: dict[str, str]) -> dict[str, Any]:
+        return {
+            "group.id": "BYTEWAX_IGNORED",  # offsets are in the flow's snapshots, not a group
+            "enable.auto.commit": "false",
+            "bootstrap.servers": ",".join(self._brokers),
+            **consumer_config, **self._add_config,
+            "enable.partition.eof": "true",
+        }
 
     def list_parts(self) -> list[str]:
         """The partitions this process reads (:class:`ProcessShare`)."""
@@ -195,24 +265,12 @@ class NoWaitKafkaSource(KafkaSource):
                  self._share.processes, ", ".join(sorted(parts)) or "none")
         return parts
 
-    def config_for(self, for_part: str) -> dict[str, Any]:
-        """The settings of a partition's consumer."""
-        topic = partition_of(for_part)[1]
-        return {**self._consumer_config, **self._topic_config.get(topic, {}),
-                **self._add_config, "enable.partition.eof": "true"}
-
-    def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> Any:
-        # bytewax builds every partition's consumer from ``_add_config``: swap in this
-        # partition's settings for the duration of the call.
-        shared = self._add_config
-        self._add_config = self.config_for(for_part)
-        try:
-            part = super().build_part(step_id, for_part, resume_state)
-        finally:
-            self._add_config = shared
-        # Duck-typed: bytewax's partition calls only consume() and close() on it.
-        part._consumer = _NoWaitConsumer(part._consumer, self._tail)  # type: ignore[assignment]
-        return part
+    def build_part(self, step_id: str, for_part: str,  # type: ignore[override]
+                   resume_state: int | None) -> PartitionReader:
+        partition, topic = partition_of(for_part)
+        offset = self._starting_offset if resume_state is None else resume_state
+        return PartitionReader(self._shared, topic, partition, offset, self._tail,
+                               self._batch_size)
 
 
 @dataclass(frozen=True)
@@ -224,30 +282,24 @@ class SourceOut:
     ends: Stream[PartitionEnd]
 
 
-def _is_message(item: Any) -> TypeGuard[KafkaSourceMessage[bytes | None, bytes | None]]:
+def _is_message(item: Any) -> TypeGuard[Message]:
     return isinstance(item, KafkaSourceMessage)
 
 
-def _is_end(err: Any) -> bool:
-    return isinstance(err.err, _EndError)
-
-
-def _end_of(err: KafkaError[bytes | None, bytes | None]) -> PartitionEnd:
-    return err.err.end  # type: ignore[attr-defined,no-any-return]
+def _is_end(item: Any) -> TypeGuard[PartitionEnd]:
+    return isinstance(item, PartitionEnd)
 
 
 @operator
 def kafka_input(step_id: str, flow: Dataflow, *, brokers: list[str], topics: list[str],
                 tail: bool, add_config: dict[str, str], consumer_config: dict[str, str],
-                topic_config: dict[str, dict[str, str]] | None = None,
                 share: ProcessShare = SINGLE_PROCESS) -> SourceOut:
     """As ``bytewax.connectors.kafka.operators.input``, from the start of the topics
-    (settings as in :class:`NoWaitKafkaSource`), with the ends of partitions apart;
+    (settings as in :class:`SharedKafkaSource`), with the ends of partitions apart;
     ``share``: the partitions this process of a cluster reads."""
-    source = NoWaitKafkaSource(brokers, topics, tail, add_config=add_config,
+    source = SharedKafkaSource(brokers, topics, tail, add_config=add_config,
                                raise_on_errors=False, consumer_config=consumer_config,
-                               topic_config=topic_config or {}, share=share)
+                               share=share)
     read = op.branch("split_err", op.input("kafka_input", flow, source), _is_message)
-    errs = cast(Stream[KafkaError[bytes | None, bytes | None]], read.falses)
-    errors: op.BranchOut[Any, Any] = op.branch("split_ends", errs, _is_end)
-    return SourceOut(read.trues, errors.falses, op.map("end_of", errors.trues, _end_of))
+    ends: op.BranchOut[Any, Any] = op.branch("split_ends", read.falses, _is_end)
+    return SourceOut(read.trues, ends.falses, ends.trues)

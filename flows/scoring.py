@@ -93,10 +93,6 @@ log = logging.getLogger(__name__)
 
 Message = KafkaSourceMessage[bytes | None, bytes | None]
 FIT_POLL = timedelta(seconds=1)  # how often an idle models step checks a background fit
-# A wake-up is due at an hour's end of the stream clock (flows/timers.py): 100 ms more is
-# nothing to it, and each of the timers topic's consumers, idle most of the time, then
-# asks the broker 10 times a second, not 100 (tansu spends ~1.5 ms of CPU on each ask).
-TIMERS_CONSUMER = {"fetch.wait.max.ms": "100"}
 
 
 @dataclass(slots=True)
@@ -435,8 +431,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     kafka = kafka_input(
         "kafka_in", flow, brokers=brokers, topics=[settings.transactions_topic, timers_topic],
         tail=tail, add_config=kafka_config,
-        consumer_config={**CONSUMER_DEFAULTS, **SCORING_PREFETCH},
-        topic_config={timers_topic: TIMERS_CONSUMER}, share=share,
+        consumer_config={**CONSUMER_DEFAULTS, **SCORING_PREFETCH}, share=share,
     )
     # KafkaSourceMessage(key=customer_id bytes, value=event JSON or due instant bytes)
     parsed = op.map("parse", kafka.oks, lambda m: parse(m, max_future_us, timers_topic, started_ms))

@@ -149,6 +149,14 @@ def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, uni
                               CRMSCORE_MODEL_PUBLISH_SECONDS="0.5")
         try:
             st = wait_for_consumed(conn, env.layout, 2_000, proc)
+            # Both partitions heard from (one consumer fetches for both: partition 1's
+            # few events may come after thousands of partition 0's), so that the clock
+            # has started before the freeze.
+            deadline = time.monotonic() + 30
+            while st["stream_clock"] is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+                st = status(conn, env.layout) or st
+            assert st["stream_clock"] is not None, st
             private.pause()
             clocks = []
             try:
