@@ -277,7 +277,7 @@ class SharedKafkaSource(KafkaSource):
 class SourceOut:
     """What :func:`kafka_input` reads: messages, errors and ends of partitions."""
 
-    oks: Stream[KafkaSourceMessage[bytes | None, bytes | None]]
+    oks: Stream[Message]
     errs: Stream[KafkaError[bytes | None, bytes | None]]
     ends: Stream[PartitionEnd]
 

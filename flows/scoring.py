@@ -36,7 +36,7 @@ from typing import Any, TypeGuard
 
 import bytewax.operators as op
 import orjson
-from bytewax.connectors.kafka import KafkaError, KafkaSourceMessage
+from bytewax.connectors.kafka import KafkaError
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.operators import StatefulBatchLogic
 
@@ -54,7 +54,13 @@ from flows.batching import Unbatched, to_one_key
 from flows.clock import UNPARTITIONED, ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
 from flows.kafka_sink import KafkaTopicSink, kafka_output
-from flows.kafka_source import SINGLE_PROCESS, PartitionEnd, ProcessShare, kafka_input
+from flows.kafka_source import (
+    SINGLE_PROCESS,
+    Message,
+    PartitionEnd,
+    ProcessShare,
+    kafka_input,
+)
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
@@ -91,7 +97,6 @@ from models.transaction import (
 
 log = logging.getLogger(__name__)
 
-Message = KafkaSourceMessage[bytes | None, bytes | None]
 FIT_POLL = timedelta(seconds=1)  # how often an idle models step checks a background fit
 
 
