@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import heapq
+import os
 import pstats
 import sys
 import time
@@ -38,6 +39,7 @@ from crmscore.generator import GeneratorConfig, generate
 from crmscore.layout import RedisLayout
 from crmscore.settings import Settings
 from flows.clock import Counts
+from flows.live_customers import LiveCustomers
 from flows.scoring import Accepted, CustomerLogic, Message, ModelsLogic, parse
 from flows.timers import BUCKET_US, Cancel, Registration, Wake
 from models.alert_rules import load_rules
@@ -79,10 +81,11 @@ def replay(events: list[Accepted]) -> dict[str, Any]:
     layout = RedisLayout("cost:")
     rules = load_rules(None)
     bundles = Bundles(ModelBundle(config=config))
-    settings = Settings()
+    settings = Settings.from_env(os.environ)  # CRMSCORE_LIVE_CUSTOMERS, ...
     models = ModelsLogic(None, config, layout, settings.model_publish_seconds,
                          settings.btyd_refit_days, frozen=False, challengers=DEFAULT_CHALLENGERS)
     customers: dict[str, CustomerLogic] = {}
+    live = LiveCustomers(settings.live_customers)
     due: list[tuple[int, str, int]] = []  # (end of the due instant's hour, customer, due)
     cancelled: set[tuple[str, int]] = set()
     spent = {"customers": 0.0, "models": 0.0}
@@ -92,7 +95,7 @@ def replay(events: list[Accepted]) -> dict[str, Any]:
         nonlocal batches
         logic = customers.get(cid)
         if logic is None:
-            logic = customers[cid] = CustomerLogic(None, bundles, layout, rules)  # type: ignore[arg-type]
+            logic = customers[cid] = CustomerLogic(None, bundles, layout, rules, live)  # type: ignore[arg-type]
         started = time.perf_counter()
         emitted, _ = logic.on_batch([item])
         logic.snapshot()  # the flow pickles each customer at the end of its batch

@@ -96,6 +96,12 @@ class Settings:
     backup_interval: float = _setting(
         0.0, "seconds to keep old snapshots (bytewax backup interval)", at_least=0
     )
+    # A customer held unpickled takes ~5 KB, pickled ~1.4 KB, and unpickling one takes
+    # ~15 µs (flows/live_customers.py): the limit trades memory for that work.
+    live_customers: int = _setting(
+        50_000, "customers each flow worker keeps unpickled, the most recently touched; the "
+        "others rest as their snapshot bytes until their next event or wake-up", at_least=1
+    )
     lateness_days: float = _setting(
         7.0, "event-time lateness window: duplicates are detected within it; "
         "events later than this behind their customer's newest event are rejected", at_least=0

@@ -61,6 +61,7 @@ from flows.kafka_source import (
     ProcessShare,
     kafka_input,
 )
+from flows.live_customers import LiveCustomers
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
@@ -178,20 +179,40 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
     and the outcomes of alerts followed up."""
 
     def __init__(self, resume: bytes | None, bundles: BundleCache, layout: RedisLayout,
-                 rules: AlertRules | None, rewrite: bool = False, compress: bool = True) -> None:
-        self.customer: ScoredCustomer | None = None if resume is None else pickle.loads(resume)
-        self.pickled: bytes | None = None  # the customer as of its last batch: see snapshot()
+                 rules: AlertRules | None, live: LiveCustomers, rewrite: bool = False,
+                 compress: bool = True) -> None:
+        # The customer unpickled while it is among the recently touched (``live``), and
+        # pickled as of its last batch: its snapshot, and all that is kept once it rests.
+        self.customer: ScoredCustomer | None = None
+        self.pickled: bytes | None = resume
+        self.live = live
         self.bundles = bundles
         self.layout = layout
         self.compress = compress  # crmscore/doc_codec.py
         self.rules = rules
         # Redis lost the documents (flows/store_marker.py): write this one again at once.
-        self.rewrite = rewrite and self.customer is not None
+        self.rewrite = rewrite and resume is not None
+
+    def _unpickled(self, customer_id: str) -> ScoredCustomer:
+        customer = self.customer
+        if customer is None:
+            if self.pickled is None:  # a new customer
+                customer = ScoredCustomer(customer_id)
+            else:
+                customer = pickle.loads(self.pickled)
+            self.customer = customer
+        self.live.touch(self)
+        return customer
+
+    def rest(self) -> None:
+        """Keep only the pickled customer (the least recently touched of many)."""
+        if self.pickled is None:
+            self.pickled = pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
+        self.customer = None
 
     def on_batch(self, values: list[Accepted | Wake]) -> tuple[list[Any], bool]:
-        if self.customer is None:  # bytewax does not pass the key: take it from the item
-            self.customer = ScoredCustomer(customer_of(values[0]))
-        customer = self.customer
+        # bytewax does not pass the key: take it from the item
+        customer = self._unpickled(customer_of(values[0]))
         bundle = self.bundles.get()
         out = Outputs()
         emitted: list[Any] = []
@@ -228,6 +249,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
             emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us,
                                   tuple(read.items()), tuple(offsets.items())))
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
+            self.live.forget(self)
             return emitted, StatefulBatchLogic.DISCARD
         # A score from before the served model or fit changed is redone: on a rescore wake,
         # or on any batch that did not rescore (a wake that only closed an alert's outcome
@@ -262,10 +284,9 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         return datetime.now(UTC) if self.rewrite else None
 
     def on_notify(self) -> tuple[list[Any], bool]:
-        customer = self.customer
-        self.pickled = None  # pickled again if snapshotted
-        if not self.rewrite or customer is None or customer.state.max_event_us is None:
+        if not self.rewrite or self.pickled is None:  # only a resumed customer rewrites
             return [], StatefulBatchLogic.RETAIN
+        customer = self._unpickled("")  # resumed: never a new customer
         return [self._document(customer, self.bundles.get(), Outputs())], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
@@ -276,12 +297,11 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         new events wait. Pickled there, ~900 customers at 1,000 events/s made that pause
         55-65 ms, the freshness p99. Pickled at the end of each batch, the same work is
         spread over the epoch; a customer with several batches in one epoch is pickled
-        more than once, which left replay throughput within noise. Not kept once handed
-        over: held for every customer, the bytes added ~1.3 KB to each one's memory."""
-        pickled, self.pickled = self.pickled, None
-        if pickled is None:
-            pickled = pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
-        return pickled
+        more than once, which left replay throughput within noise. The bytes are kept:
+        they are the customer once it rests (flows/live_customers.py)."""
+        if self.pickled is None:  # never, as on_batch always ends by pickling
+            self.pickled = pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
+        return self.pickled
 
 
 class ModelsLogic(StatefulBatchLogic[LabeledExample | PopulationRow | Counts, Any, bytes]):
@@ -424,6 +444,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     make_models(settings.churn_models)  # so does an unknown model family
     compress = doc_codec.compression_on(settings.doc_compression)  # and a bad value here
     bundles = shared_cache(settings, ModelBundle(config=config))  # frozen: read here, once
+    live_customers = LiveCustomers(settings.live_customers)
     with redis_client(settings) as client:
         rewrite = claim_store(client, layout) or rewrite_store
     if rewrite:
@@ -447,7 +468,8 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # (customer_id, Accepted | Wake)
     results = op.stateful_batch(
         "customers", by_customer,
-        lambda resume: CustomerLogic(resume, bundles, layout, rules, rewrite, compress),
+        lambda resume: CustomerLogic(resume, bundles, layout, rules, live_customers, rewrite,
+                                     compress),
     )
     results = op.key_rm("drop_customer_key", results)
     scores, refused_late, counts, registrations, cancels, alerts, outcomes, learning = split(

@@ -1,8 +1,8 @@
-"""A small Python client of the scoring API.
+"""A small Python client of the scoring API::
 
->>> with ScoringClient("127.0.0.1:50051", api_key="crm_...") as client:  # doctest: +SKIP
-...     score = client.get_score("c-42")
-...     print(score.rfm.frequency, score.net_monetary)
+    with ScoringClient("127.0.0.1:50051", api_key="crm_...") as client:
+        score = client.get_score("c-42")
+        print(score.rfm.frequency, score.net_monetary)
 
 Every call carries the API key (``authorization: Bearer``) and a deadline; errors are
 ``grpc.RpcError`` with the server's status code and message.

@@ -252,6 +252,7 @@ def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_proce
     from bytewax.connectors.kafka import KafkaSourceMessage
 
     from crmscore.layout import RedisLayout
+    from flows.live_customers import LiveCustomers
     from flows.model_registry import BundleCache
     from flows.scoring import Accepted, CustomerLogic, parse
 
@@ -265,7 +266,8 @@ def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_proce
     assert stale == Wake("c", 40 * DAY_US, stale=True) and fresh == Wake("c", 40 * DAY_US)
 
     layout = RedisLayout(f"{unique}:")  # no bundle published there: the empty one is used
-    logic = CustomerLogic(None, BundleCache(redis_conn, layout, EMPTY_BUNDLE), layout, None)
+    logic = CustomerLogic(None, BundleCache(redis_conn, layout, EMPTY_BUNDLE), layout, None,
+                          LiveCustomers(10))
     for day in (0, 10, 20):  # a rhythm of 10 days: due to be rescored before day 40
         logic.on_batch([Accepted(purchase(day, day), wake_message(0))])
     as_of = logic.customer.as_of_us if logic.customer else None
@@ -276,27 +278,47 @@ def test_a_wake_up_written_before_the_flow_started_is_registered_again_not_proce
     assert logic.customer.as_of_us is not None and logic.customer.as_of_us > as_of
 
 
-def test_a_customer_snapshot_is_its_state_after_its_last_batch_and_is_not_kept(
+def test_a_customer_snapshot_is_its_state_after_its_last_batch_and_is_how_it_rests(
         redis_conn, unique):
+    from dataclasses import replace
+
     from bytewax.connectors.kafka import KafkaSourceMessage
 
     from crmscore.layout import RedisLayout
+    from flows.live_customers import LiveCustomers
     from flows.model_registry import BundleCache
     from flows.scoring import Accepted, CustomerLogic
 
     layout = RedisLayout(f"{unique}:")
     cache = BundleCache(redis_conn, layout, EMPTY_BUNDLE)
-    logic = CustomerLogic(None, cache, layout, None)
+    live = LiveCustomers(limit=1)
+    logic = CustomerLogic(None, cache, layout, None, live)
     message = KafkaSourceMessage(b"c", b"", topic="tx")
     logic.on_batch([Accepted(purchase(0, 0), message)])
     logic.on_batch([Accepted(purchase(10, 1), message)])
     snapshot = logic.snapshot()  # pickled at the end of the second batch
-    assert logic.pickled is None  # handed over, not held per customer
-    again = logic.snapshot()  # no batch since: pickled now, the same state
-    resumed = CustomerLogic(snapshot, cache, layout, None)
-    assert resumed.customer is not None and logic.customer is not None
-    assert resumed.customer.state.purchase_count == 2 == logic.customer.state.purchase_count
-    assert pickle.loads(again).version == pickle.loads(snapshot).version == logic.customer.version
+    assert logic.snapshot() is snapshot  # no batch since: the same bytes
+    assert logic.customer is not None and pickle.loads(snapshot).version == logic.customer.version
+
+    # A second customer touched with a limit of one puts the first to rest: only its bytes.
+    other = CustomerLogic(None, cache, layout, None, live)
+    other.on_batch([Accepted(replace(purchase(5, 2), customer_id="d"), message)])
+    assert logic.customer is None and logic.pickled is snapshot and len(live) == 1
+    assert other.customer is not None
+
+    # Its next batch unpickles it and goes on from there, as if it had never rested; and
+    # a customer resumed from its snapshot rests until its first batch.
+    resumed = CustomerLogic(snapshot, cache, layout, None, LiveCustomers(10))
+    assert resumed.customer is None
+    unbounded = CustomerLogic(None, cache, layout, None, LiveCustomers(10))
+    for n, day in enumerate((0, 10, 20)):
+        unbounded.on_batch([Accepted(purchase(day, n), message)])
+    for each in (logic, resumed):
+        out, _ = each.on_batch([Accepted(purchase(20, 2), message)])
+        assert each.customer is not None and unbounded.customer is not None
+        assert each.customer.version == unbounded.customer.version
+        assert each.snapshot() == unbounded.snapshot()
+    assert other.customer is None  # the least recently touched now
 
 
 def test_a_wake_up_before_1970_survives_the_timers_topic_and_garbage_does_not():
@@ -453,12 +475,13 @@ def test_the_customer_step_rescores_with_a_bundle_at_least_as_new_as_the_wake(
 
     from crmscore.doc_codec import load
     from crmscore.layout import RedisLayout
+    from flows.live_customers import LiveCustomers
     from flows.model_registry import BundleCache, bundle_doc
     from flows.scoring import Accepted, CustomerLogic
 
     layout = RedisLayout(f"{unique}:")
     cache = BundleCache(redis_conn, layout, EMPTY_BUNDLE, refresh_seconds=3600)
-    logic = CustomerLogic(None, cache, layout, None)
+    logic = CustomerLogic(None, cache, layout, None, LiveCustomers(10))
     message = KafkaSourceMessage(b"c", b"{}", topic="tx")
     for n, day in enumerate((0, 10, 20)):
         logic.on_batch([Accepted(purchase(day, n), message)])
