@@ -5,7 +5,9 @@ state, timers, alerts topic and Redis prefix:
 
 1. a live flow learns the models (a churn champion, BTYD, RFM and tier boundaries);
 2. a flow with frozen model updates, serving that bundle, runs uninterrupted;
-3. the same, SIGKILLed three times mid-stream and restarted from its snapshots.
+3. the same, SIGKILLed three times mid-stream and restarted from its snapshots, with
+   only 50 customers unpickled at a time (``CRMSCORE_LIVE_CUSTOMERS``): the others rest
+   as their snapshot bytes (flows/live_customers.py).
 
 With the models frozen, every score and alert is a function of the events alone, so the
 killed run must publish exactly the uninterrupted run's alert ids (an id may be
@@ -131,7 +133,8 @@ def test_sigkill_and_restart_publish_no_new_alert_ids(broker, redis_url, unique,
     rng = random.Random(seed)
     shares = sorted(rng.uniform(0.05, 0.95) for _ in range(3))
     print(f"kills at {[round(s, 3) for s in shares]} of the stream (CRMSCORE_FAULT_SEED={seed})")
-    proc = crashed.start_flow(**frozen)
+    resting = {**frozen, "CRMSCORE_LIVE_CUSTOMERS": "50"}
+    proc = crashed.start_flow(**resting)
     recoveries = []
     for share in shares:
         wait_for_consumed(conn, crashed.layout, int(share * len(lines)), proc,
@@ -141,7 +144,7 @@ def test_sigkill_and_restart_publish_no_new_alert_ids(broker, redis_url, unique,
         # stream was counted. Then no event is left to count anew, so the restart's
         # recovery time is not timed; the comparisons below still judge the restart.
         killed_at = status(conn, crashed.layout)
-        proc = crashed.start_flow(**frozen)
+        proc = crashed.start_flow(**resting)
         fault_ended = time.monotonic()
         if killed_at is not None and killed_at["events_consumed"] < len(lines):
             recoveries.append(resumes_after(conn, crashed.layout, fault_ended))
