@@ -14,13 +14,25 @@ more processes and partitions. Keys are never dropped: a discarded state leaves 
 :func:`scan` runs the same scan, read-only, and times it; ``crmscore flow`` runs it at
 start and every 15 minutes (:class:`ScanWatch`), and warns when it takes more than
 ``WARN_SHARE`` of the snapshot interval.
+
+**Never in the process of a running flow.** bytewax links its own copy of SQLite; a
+second copy in the same process (Python's ``sqlite3``) on the same live store breaks
+both: POSIX locks belong to the process, so neither copy sees the other's, and closing
+a file drops the locks of both (sqlite.org/howtocorrupt.html, 2.2.1). Seen here: a scan
+from a thread of a running bytewax flow left "database disk image is malformed" and
+bytewax panicked (tests/test_recovery_scan.py), and a flow holding a million customers
+died of SIGBUS minutes after its 15-minute scan. So :class:`ScanWatch` scans in a child
+process (:func:`scan_apart`), as any other reader of a live store must.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -72,6 +84,20 @@ def scan(recovery_dir: Path) -> RecoveryScan:
     return RecoveryScan(len(partitions), keys, superseded, time.perf_counter() - started)
 
 
+def scan_apart(recovery_dir: Path, timeout_s: float = 600.0) -> RecoveryScan:
+    """:func:`scan` in a child process: safe while this process's bytewax writes the store."""
+    done = subprocess.run([sys.executable, "-m", "flows.recovery_scan", str(recovery_dir)],
+                          capture_output=True, text=True, timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise ScanFailed(lines[-1] if lines else f"exit status {done.returncode}")
+    return RecoveryScan(*json.loads(done.stdout))
+
+
+class ScanFailed(RuntimeError):
+    """The child process could not scan the store."""
+
+
 class ScanWatch:
     """Times the scan at start and then every ``every_s`` while the flow runs (its keys
     grow with every new customer): says what it costs at start, and warns when it takes
@@ -86,7 +112,7 @@ class ScanWatch:
         self.stopped = threading.Event()
 
     def check(self) -> RecoveryScan:
-        found = scan(self.recovery_dir)
+        found = scan_apart(self.recovery_dir)
         share = found.share_of(self.snapshot_interval_s)
         message = ("recovery holds %d state keys in %d partition(s); bytewax scans them all "
                    "at the end of every epoch: %.1f ms now, %.0f%% of a %g s snapshot "
@@ -104,14 +130,14 @@ class ScanWatch:
         return found
 
     def start(self, every_s: float = 900.0) -> threading.Thread:
-        """Check now, then every ``every_s`` in a daemon thread (sqlite scans without
-        holding the GIL, so the flow's thread keeps running). A scan that fails is said
+        """Check now, then every ``every_s`` in a daemon thread that waits for the child
+        process scanning (so the flow's thread keeps running). A scan that fails is said
         and does not stop the flow: bytewax reads its store on its own."""
 
         def check() -> None:
             try:
                 self.check()
-            except sqlite3.Error as exc:
+            except (ScanFailed, subprocess.TimeoutExpired, OSError) as exc:
                 log.warning("could not scan the recovery store %s: %s", self.recovery_dir, exc)
 
         def watch() -> None:
@@ -122,3 +148,7 @@ class ScanWatch:
         thread = threading.Thread(target=watch, name="recovery-scan", daemon=True)
         thread.start()
         return thread
+
+
+if __name__ == "__main__":  # scan_apart's child: the scan's figures as JSON
+    print(json.dumps(scan(Path(sys.argv[1]))))

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from flows.recovery_scan import RecoveryScan, ScanWatch, scan
+from flows.recovery_scan import RecoveryScan, ScanWatch, scan, scan_apart
 
 
 def _count_keys(recovery_dir: Path, customers: int, partitions: int = 1) -> None:
@@ -102,3 +104,47 @@ def test_a_failed_scan_does_not_stop_the_flow(
         watch.start(every_s=3600).join(0)
     watch.stopped.set()
     assert "could not scan the recovery store" in caplog.text
+
+
+def test_the_watch_scans_a_live_store_apart_and_leaves_it_whole(tmp_path: Path) -> None:
+    """bytewax's own SQLite and Python's, in one process on one live store, corrupt it
+    (flows/recovery_scan.py: "database disk image is malformed", and bytewax panicked,
+    when this test scanned in-process). The watch scans in a child process, while this
+    process's flow writes the store."""
+    init_db_dir(tmp_path, 1)
+
+    def slow() -> Iterator[tuple[str, int]]:
+        for i in range(100_000):
+            if i % 10_000 == 0:
+                time.sleep(0.3)  # a flow that lasts for several scans
+            yield f"c{i % 20_000}", 1
+
+    flow = Dataflow("live_scan")
+    counts = op.stateful_map("count", op.input("in", flow, TestingSource(slow())),
+                             lambda total, n: ((total or 0) + n,) * 2)
+    op.output("out", counts, TestingSink([]))
+    watch, running = ScanWatch(tmp_path, snapshot_interval_s=1e9), threading.Event()
+    found: list[RecoveryScan] = []
+    failed: list[BaseException] = []
+
+    def scans() -> None:
+        while not running.is_set():  # wait for the flow to open its store
+            time.sleep(0.01)
+        while running.is_set():
+            try:
+                found.append(watch.check())
+            except BaseException as exc:  # noqa: BLE001 - reported by the test below
+                failed.append(exc)
+
+    scanner = threading.Thread(target=scans)
+    scanner.start()
+    running.set()
+    try:
+        run_main(flow, epoch_interval=timedelta(seconds=0.05),
+                 recovery_config=RecoveryConfig(str(tmp_path), backup_interval=timedelta(0)))
+    finally:
+        running.clear()
+        scanner.join()
+    assert failed == []
+    assert len(found) >= 2
+    assert scan_apart(tmp_path).keys == scan(tmp_path).keys >= 20_000
