@@ -21,8 +21,9 @@ both: POSIX locks belong to the process, so neither copy sees the other's, and c
 a file drops the locks of both (sqlite.org/howtocorrupt.html, 2.2.1). Seen here: a scan
 from a thread of a running bytewax flow left "database disk image is malformed" and
 bytewax panicked (tests/test_recovery_scan.py), and a flow holding a million customers
-died of SIGBUS minutes after its 15-minute scan. So :class:`ScanWatch` scans in a child
-process (:func:`scan_apart`), as any other reader of a live store must.
+died of SIGBUS four minutes after its 15-minute scan (most likely the same cause: the
+same run with the scan apart completed). So :class:`ScanWatch` scans in a child process
+(:func:`scan_apart`), as any other reader of a live store must.
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def scan(recovery_dir: Path) -> RecoveryScan:
     return RecoveryScan(len(partitions), keys, superseded, time.perf_counter() - started)
 
 
+class ScanFailed(RuntimeError):
+    """The child process could not scan the store."""
+
+
 def scan_apart(recovery_dir: Path, timeout_s: float = 600.0) -> RecoveryScan:
     """:func:`scan` in a child process: safe while this process's bytewax writes the store."""
     done = subprocess.run([sys.executable, "-m", "flows.recovery_scan", str(recovery_dir)],
@@ -92,10 +97,6 @@ def scan_apart(recovery_dir: Path, timeout_s: float = 600.0) -> RecoveryScan:
         lines = done.stderr.strip().splitlines()
         raise ScanFailed(lines[-1] if lines else f"exit status {done.returncode}")
     return RecoveryScan(*json.loads(done.stdout))
-
-
-class ScanFailed(RuntimeError):
-    """The child process could not scan the store."""
 
 
 class ScanWatch:
