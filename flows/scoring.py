@@ -183,6 +183,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                  compress: bool = True) -> None:
         # The customer unpickled while it is among the recently touched (``live``), and
         # pickled as of its last batch: its snapshot, and all that is kept once it rests.
+        # Only a new customer, before its first batch ends, has no bytes yet.
         self.customer: ScoredCustomer | None = None
         self.pickled: bytes | None = resume
         self.live = live
@@ -193,26 +194,23 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         # Redis lost the documents (flows/store_marker.py): write this one again at once.
         self.rewrite = rewrite and resume is not None
 
-    def _unpickled(self, customer_id: str) -> ScoredCustomer:
+    def _unpickled(self) -> ScoredCustomer:
         customer = self.customer
         if customer is None:
-            if self.pickled is None:  # a new customer
-                customer = ScoredCustomer(customer_id)
-            else:
-                customer = pickle.loads(self.pickled)
-            self.customer = customer
+            assert self.pickled is not None  # a new customer is made in on_batch
+            customer = self.customer = pickle.loads(self.pickled)
         self.live.touch(self)
         return customer
 
     def rest(self) -> None:
         """Keep only the pickled customer (the least recently touched of many)."""
-        if self.pickled is None:
-            self.pickled = pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
         self.customer = None
 
     def on_batch(self, values: list[Accepted | Wake]) -> tuple[list[Any], bool]:
-        # bytewax does not pass the key: take it from the item
-        customer = self._unpickled(customer_of(values[0]))
+        if self.customer is None and self.pickled is None:  # a new customer
+            # bytewax does not pass the key: take it from the item
+            self.customer = ScoredCustomer(customer_of(values[0]))
+        customer = self._unpickled()
         bundle = self.bundles.get()
         out = Outputs()
         emitted: list[Any] = []
@@ -284,9 +282,9 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         return datetime.now(UTC) if self.rewrite else None
 
     def on_notify(self) -> tuple[list[Any], bool]:
-        if not self.rewrite or self.pickled is None:  # only a resumed customer rewrites
+        if not self.rewrite:  # only a resumed customer rewrites
             return [], StatefulBatchLogic.RETAIN
-        customer = self._unpickled("")  # resumed: never a new customer
+        customer = self._unpickled()
         return [self._document(customer, self.bundles.get(), Outputs())], StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:
@@ -299,8 +297,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         spread over the epoch; a customer with several batches in one epoch is pickled
         more than once, which left replay throughput within noise. The bytes are kept:
         they are the customer once it rests (flows/live_customers.py)."""
-        if self.pickled is None:  # never, as on_batch always ends by pickling
-            self.pickled = pickle.dumps(self.customer, protocol=pickle.HIGHEST_PROTOCOL)
+        assert self.pickled is not None  # on_batch ends by pickling, or discards
         return self.pickled
 
 
