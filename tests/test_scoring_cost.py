@@ -9,4 +9,6 @@ def test_replay_runs_every_event_and_the_wake_ups_they_lead_to():
     result = replay(events)
     assert result["wakes"] > 0  # silent customers' instants came due
     assert result["batches"] == len(events) + result["wakes"]
-    assert result["spent"]["customers"] > 0 and result["spent"]["models"] > 0
+    spent = result["spent"]
+    assert spent["customers, events"] > 0 and spent["customers, wake-ups"] > 0
+    assert spent["models"] > 0
