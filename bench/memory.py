@@ -293,7 +293,10 @@ def flow_scale_markdown(results: list[FlowAtScale], empty: FlowRun) -> list[str]
                 f" At 1,000,000 such customers one process would need about "
                 f"**{at_1m / 2**30:,.1f} GiB** (extrapolated: empty run "
                 f"{empty_rss / 2**20:,.0f} MiB + 1M x the marginal, not measured; "
-                f"`--flow-scales 100000 1000000` measures it).")
+                f"`--flow-scales 100000 1000000` measures it). An overestimate once "
+                f"the customers outnumber `CRMSCORE_LIVE_CUSTOMERS` (50,000 by "
+                f"default): the others rest as their pickled snapshots "
+                f"(flows/live_customers.py).")
         lines[-1] += (" Customers with longer histories hold more events each (the "
                       "15k-customer run above).")
     biggest = results[-1].scan
