@@ -15,9 +15,9 @@ by its next batch, without the flow's rescore wake-ups.
 
 Prints the µs per event spent in each step, the customers step's split between the
 events and the wake-ups (wall time of this one thread: run it on a quiet machine), and
-the wake-ups per event. The heap fires every registration as soon as
-the clock passes its hour, as a live flow does; a full-speed replay's wake-ups trail the
-events and catch up several instants at once, so it runs fewer batches than this.
+the wake-ups per event. The heap fires every registration as soon as the clock passes
+its hour, as a live flow does; a full-speed replay's wake-ups trail the events and catch
+up several instants at once, so it runs fewer batches than this.
 ``--profile`` adds the functions with the most own time (cProfile: ~2x slower).
 
 Run: ``.venv/bin/python -m bench.scoring_cost [--customers 1500] [--days 365] [--profile]``
