@@ -102,6 +102,12 @@ class Settings:
         50_000, "customers each flow worker keeps unpickled, the most recently touched; the "
         "others rest as their snapshot bytes until their next event or wake-up", at_least=1
     )
+    # glibc keeps freed heap below its top: a caught-up flow held ~20-30% of its RSS as
+    # free heap until trimmed (flows/heap_trim.py).
+    heap_trim_seconds: float = _setting(
+        300.0, "seconds between the flow's malloc_trim calls, which give the heap it freed "
+        "back to the operating system (0: off)", at_least=0
+    )
     lateness_days: float = _setting(
         7.0, "event-time lateness window: duplicates are detected within it; "
         "events later than this behind their customer's newest event are rejected", at_least=0

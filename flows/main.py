@@ -25,6 +25,7 @@ from bytewax.run import cli_main
 from crmscore.clients import ensure_topics
 from crmscore.doc_codec import DocumentError
 from crmscore.settings import Settings
+from flows.heap_trim import HeapTrimmer
 from flows.kafka_source import ProcessShare
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
 from flows.recovery_scan import ScanWatch
@@ -119,6 +120,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     recovery = None if args.no_recovery else recovery_config(settings)
     if recovery is not None:
         ScanWatch(Path(settings.recovery_dir), settings.snapshot_interval).start()
+    if settings.heap_trim_seconds:
+        HeapTrimmer(settings.heap_trim_seconds).start()
     log.info("flow starting: %s", settings.redacted())
     cli_main(
         flow,
