@@ -105,7 +105,7 @@ class Settings:
     # glibc keeps freed heap below its top: a caught-up flow held ~20-30% of its RSS as
     # free heap until trimmed (flows/heap_trim.py).
     heap_trim_seconds: float = _setting(
-        300.0, "seconds between the flow's malloc_trim calls, which give the heap it freed "
+        60.0, "seconds between the flow's malloc_trim calls, which give the heap it freed "
         "back to the operating system (0: off)", at_least=0
     )
     lateness_days: float = _setting(
