@@ -10,9 +10,9 @@ into it with gdb) gave 162 MiB back at once; with ``CRMSCORE_LIVE_CUSTOMERS=1000
 ``malloc_trim(0)`` walks the whole heap: ~40 ms on an 800 MiB test heap, 10-16 ms in a
 caught-up flow at 100,000 customers, while the flow's own allocations may wait for it.
 Hence a trim every ``CRMSCORE_HEAP_TRIM_SECONDS`` (60 s), in a thread of its own, and
-not after every epoch (a trim every 5 s left the freshness p99 as it was). A trim lowers the peak only when it falls within a catch-up (with
-a trim every 15 s, 780-832 MiB against 840-930). A C library without ``malloc_trim``
-(musl) leaves nothing to do.
+not after every epoch (a trim every 5 s left the freshness p99 as it was). A trim lowers
+the peak only when it falls within a catch-up (with a trim every 15 s, 780-832 MiB
+against 840-930). A C library without ``malloc_trim`` (musl) leaves nothing to do.
 """
 
 from __future__ import annotations
