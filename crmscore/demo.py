@@ -473,7 +473,10 @@ def status_line(store: RedisClient, layout: RedisLayout, feeder: Feeder | None) 
         f"{name} {int(status.get('events_' + name, 0)):,}"
         for name in ("consumed", "applied", "rejected", "duplicate")
     )
-    return f"[status] {sent}{counts} | stream clock {status.get('stream_clock') or '-'}"
+    lag = status.get("input_lag_seconds")
+    behind = "" if lag is None else f" | input lag {lag:.2f} s"
+    return (f"[status] {sent}{counts} | stream clock {status.get('stream_clock') or '-'}"
+            f"{behind}")
 
 
 def print_banner(

@@ -48,7 +48,9 @@ class Counts(NamedTuple):
     repeated: how far each partition has been read. ``offsets``: per partition, the
     newest offset counted (any outcome); ``ends``: the newest end of partition reported
     (flows/kafka_source.py, PartitionEnd) and ``empty`` the partitions whose end came
-    before any message: what tells a partition read in full (flows/watermark.py)."""
+    before any message: what tells a partition read in full (flows/watermark.py);
+    ``stamps``: per partition, the newest Kafka timestamp (ms) counted: how long the
+    reading trails the producers (the status's ``partition_lags``)."""
 
     applied: int = 0
     duplicate: int = 0
@@ -58,6 +60,7 @@ class Counts(NamedTuple):
     offsets: tuple[tuple[int, int], ...] = ()
     ends: tuple[tuple[int, int], ...] = ()
     empty: tuple[int, ...] = ()
+    stamps: tuple[tuple[int, int], ...] = ()
 
     def newest_by_partition(self) -> dict[int, int]:
         if self.partitions:
@@ -67,7 +70,7 @@ class Counts(NamedTuple):
     def observed_by(self, watermark: Watermark) -> None:
         """Tell ``watermark`` how far each partition has been read."""
         watermark.update(self.newest_by_partition(), offsets=dict(self.offsets),
-                         ends=dict(self.ends), empty=self.empty)
+                         ends=dict(self.ends), empty=self.empty, stamps=dict(self.stamps))
 
 
 def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
@@ -76,6 +79,7 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
     offsets: dict[int, int] = {}
     ends: dict[int, int] = {}
     empty: set[int] = set()
+    stamps: dict[int, int] = {}
     for c in batch:
         applied += c.applied
         duplicate += c.duplicate
@@ -86,8 +90,10 @@ def sum_counts(batch: list[Counts], start: Counts | None = None) -> Counts:
         keep_newest(offsets, c.offsets)
         keep_newest(ends, c.ends)
         empty.update(c.empty)
+        keep_newest(stamps, c.stamps)
     return Counts(applied, duplicate, rejected, clock, tuple(newest.items()),
-                  tuple(offsets.items()), tuple(ends.items()), tuple(empty))
+                  tuple(offsets.items()), tuple(ends.items()), tuple(empty),
+                  tuple(stamps.items()))
 
 
 class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, Any, bytes]):
@@ -107,6 +113,7 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
         # When to write the status again without new counts: at once when resumed (Redis
         # may hold an older one, or none), then every STATUS_HEARTBEAT.
         self.status_due: datetime | None = datetime.now(UTC) if resume is not None else None
+        self.status_version = 0  # of the status written last
         # The newest bundle that changed the served model: a registration scored with an
         # older one gets a rescore wake (flows/timers.py, Promotions). Not snapshotted: a
         # restarted flow's customers read the newest bundle from Redis.
@@ -176,21 +183,27 @@ class ClockLogic(StatefulBatchLogic[Counts | Registration | Cancel | Rescore, An
         applied, duplicate, rejected, *_ = self.totals
         clock = self.watermark.clock_us
         consumed = applied + duplicate + rejected
+        now_us = time.time_ns() // 1000
+        lags = self.watermark.lags(now_us // 1000)
         doc = {
             "events_consumed": consumed,
             "events_applied": applied,
             "events_rejected": rejected,
             "events_duplicate": duplicate,
             "stream_clock": None if clock is None else format_time(clock),
-            "updated_at": format_time(time.time_ns() // 1000),
+            "updated_at": format_time(now_us),
             "partition_clocks": {str(p): format_time(t)
                                  for p, t in sorted(self.watermark.newest.items())},
+            "input_lag_seconds": max(lags.values(), default=None),
+            "partition_lag_seconds": {str(p): lag for p, lag in lags.items()},
         }
         self.status_due = datetime.now(UTC) + STATUS_HEARTBEAT
-        # Both only grow, so their sum orders status documents (the clock may move on
-        # without new events: a quiet partition stops holding it back).
-        version = consumed + self.watermark.moves
-        return VersionedDoc(self.layout.status(), version, orjson.dumps(doc))
+        # The newest status written wins, heartbeats included: they keep ``updated_at``
+        # and the lags current while nothing is counted (a stall, or caught up). After a
+        # restart that means the resumed run's counts at once, not the crashed run's
+        # higher ones until it passes them. Wall-clock µs, made strictly increasing.
+        self.status_version = max(now_us, self.status_version + 1)
+        return VersionedDoc(self.layout.status(), self.status_version, orjson.dumps(doc))
 
     def snapshot(self) -> bytes:
         return pickle.dumps((self.totals, self.buckets.held(), self.watermark))

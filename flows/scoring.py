@@ -131,8 +131,17 @@ def parse(msg: Message, max_future_us: int, timers_topic: str,
 def count_refused(refused: Refused) -> Counts:
     """The count of a transaction refused before its customer (with where it was read)."""
     m = refused.msg
-    read = () if m.partition is None or m.offset is None else ((m.partition, m.offset),)
-    return Counts(rejected=1, offsets=read)
+    if m.partition is None or m.offset is None:
+        return Counts(rejected=1)
+    stamp = kafka_ms(m)
+    return Counts(rejected=1, offsets=((m.partition, m.offset),),
+                  stamps=() if stamp is None else ((m.partition, stamp),))
+
+
+def kafka_ms(msg: Message) -> int | None:
+    """The message's Kafka timestamp (ms since the epoch), when the broker gave one."""
+    stamp = msg.timestamp
+    return stamp[1] if stamp is not None and stamp[0] and stamp[1] > 0 else None
 
 
 def count_end(end: PartitionEnd) -> Counts:
@@ -217,6 +226,7 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
         applied = duplicate = rejected = 0
         read: dict[int, int] = {}  # partition -> newest event time applied or repeated
         offsets: dict[int, int] = {}  # partition -> newest offset counted
+        stamps: dict[int, int] = {}  # partition -> newest Kafka timestamp counted (ms)
         version = customer.version  # the score changed when this did
         for item in values:
             if isinstance(item, Wake):
@@ -231,6 +241,8 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
             if item.msg.partition is not None and item.msg.offset is not None:
                 offsets[item.msg.partition] = max(item.msg.offset,
                                                   offsets.get(item.msg.partition, -1))
+                if (stamp := kafka_ms(item.msg)) is not None:
+                    stamps[item.msg.partition] = max(stamp, stamps.get(item.msg.partition, 0))
             if outcome is APPLIED or outcome is DUPLICATE:
                 if outcome is APPLIED:
                     applied += 1
@@ -245,7 +257,8 @@ class CustomerLogic(StatefulBatchLogic[Any, Any, bytes]):
                 emitted.append(Refused(outcome, item.msg))
         if applied or duplicate or rejected:
             emitted.append(Counts(applied, duplicate, rejected, customer.state.max_event_us,
-                                  tuple(read.items()), tuple(offsets.items())))
+                                  tuple(read.items()), tuple(offsets.items()),
+                                  stamps=tuple(stamps.items())))
         if customer.state.max_event_us is None:  # only wake-ups for a customer never seen
             self.live.forget(self)
             return emitted, StatefulBatchLogic.DISCARD

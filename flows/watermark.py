@@ -68,7 +68,7 @@ class Watermark:
     (what was heard when is wall-clock: a restored partition counts as just heard)."""
 
     __slots__ = ("idle_seconds", "newest", "heard", "clock_us", "moves", "partitions",
-                 "counted", "ends", "empty")
+                 "counted", "ends", "empty", "stamps")
 
     def __init__(self, idle_seconds: float = IDLE_SECONDS, clock_us: int | None = None,
                  newest: Mapping[int, int] | None = None, moves: int = 0,
@@ -77,14 +77,15 @@ class Watermark:
         self.newest: dict[int, int] = dict(newest or {})
         self.heard: dict[int, float] = dict.fromkeys(self.newest, time.monotonic())
         self.clock_us = clock_us
-        self.moves = moves  # how often the clock moved: only grows (it orders documents)
+        self.moves = moves  # how often the clock moved (a new status is due when it does)
         self.partitions = frozenset(partitions)  # the flow's (the setting: not snapshotted)
-        # Per partition, the newest offset counted, the newest end reported, and whether
-        # an end came before any message. Not snapshotted: a resumed source reports its
-        # ends again once it has read them.
+        # Per partition, the newest offset counted, the newest end reported, whether an
+        # end came before any message, and the newest Kafka timestamp counted (ms). Not
+        # snapshotted: a resumed source reports its ends again once it has read them.
         self.counted: dict[int, int] = {}
         self.ends: dict[int, int] = {}
         self.empty: set[int] = set()
+        self.stamps: dict[int, int] = {}
 
     def __getstate__(self) -> tuple[float, int | None, dict[int, int], int]:
         return self.idle_seconds, self.clock_us, self.newest, self.moves
@@ -94,10 +95,11 @@ class Watermark:
 
     def update(self, newest: Mapping[int, int], now: float | None = None, *,
                offsets: Mapping[int, int] | None = None, ends: Mapping[int, int] | None = None,
-               empty: Collection[int] = ()) -> None:
+               empty: Collection[int] = (), stamps: Mapping[int, int] | None = None) -> None:
         """Partitions that delivered, with the newest event time applied from each; the
-        newest offset counted from each; ends of partitions reported, and the partitions
-        whose end came before any message."""
+        newest offset counted from each; ends of partitions reported, the partitions
+        whose end came before any message, and the newest Kafka timestamp (ms) counted
+        from each."""
         now = time.monotonic() if now is None else now
         for partition, at_us in newest.items():
             self.heard[partition] = now
@@ -105,6 +107,7 @@ class Watermark:
         keep_newest(self.counted, (offsets or {}).items())
         keep_newest(self.ends, (ends or {}).items())
         self.empty.update(empty)
+        keep_newest(self.stamps, (stamps or {}).items())
 
     def read_in_full(self, partition: int) -> bool:
         """Whether everything the partition held when its consumer last reported its end
@@ -115,6 +118,19 @@ class Watermark:
         if counted is None:
             return partition in self.empty
         return self.ends.get(partition) == counted + 1
+
+    def lags(self, now_ms: int) -> dict[int, float]:
+        """Per partition the flow names, how far its reading is behind, in seconds: 0 once
+        read in full, else how long the newest message counted from it has been in Kafka
+        (``now_ms`` less its timestamp). A partition with nothing counted in this run and
+        not known empty is left out: how far behind it is, nobody can tell yet."""
+        lags = {}
+        for partition in sorted(self.partitions):
+            if self.read_in_full(partition):
+                lags[partition] = 0.0
+            elif (stamp := self.stamps.get(partition)) is not None:
+                lags[partition] = max(now_ms - stamp, 0) / 1000
+        return lags
 
     def _holds(self, partition: int, now: float) -> bool:
         heard = self.heard.get(partition)

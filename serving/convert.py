@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 from google.protobuf import json_format
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from crmscore.doc_codec import load
@@ -42,6 +43,15 @@ def timestamp(text: str | None) -> Timestamp | None:
     """RFC 3339 text -> Timestamp; None stays None."""
     fields = _time(text)
     return None if fields is None else Timestamp(**fields)
+
+
+def duration(seconds: float | None) -> Duration | None:
+    """Seconds -> Duration (to the microsecond); None stays None."""
+    if seconds is None:
+        return None
+    d = Duration()
+    d.FromMicroseconds(round(float(seconds) * 1_000_000))
+    return d
 
 
 def _window(d: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -129,6 +139,10 @@ def status_message(raw: bytes) -> PipelineStatus:
             updated_at=timestamp(d.get("updated_at")),
             partition_clocks={int(p): ts for p, t in (d.get("partition_clocks") or {}).items()
                               if (ts := timestamp(t)) is not None},
+            input_lag=duration(d.get("input_lag_seconds")),
+            partition_lags={int(p): lag for p, s in
+                            (d.get("partition_lag_seconds") or {}).items()
+                            if (lag := duration(s)) is not None},
         )
     except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError) as exc:
         raise DataError(f"unreadable pipeline status document in Redis: {exc!r}") from exc

@@ -7,8 +7,14 @@ Module-level collectors on the default registry, so several servers in one proce
 from __future__ import annotations
 
 import logging
+import math
+import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from crmscore.v1.scoring_pb2 import PipelineStatus
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +35,49 @@ CACHE_LOOKUPS = Counter(
     ["result"],
 )
 REDIS_UP = Gauge("crmscore_redis_up", "1 while the health checker's Redis PING answers")
+
+# The scoring flow's pipeline status (GetPipelineStatus), sampled by the health checker:
+# the flow runs no HTTP server of its own, and its status is in Redis anyway.
+FLOW_STATUS_AGE = Gauge(
+    "crmscore_flow_status_age_seconds",
+    "Seconds since the scoring flow last wrote its pipeline status; a running flow writes "
+    "it at least every 5 s, so a growing age means it is stopped or stalled (NaN: none)",
+)
+FLOW_INPUT_LAG = Gauge(
+    "crmscore_flow_input_lag_seconds",
+    "How far the flow's reading of a transactions partition trails its producers, as of "
+    "its last status: 0 once read to the end, else the age of the newest message read",
+    ["partition"],
+)
+FLOW_STREAM_CLOCK = Gauge(
+    "crmscore_flow_stream_clock_seconds",
+    "The flow's event-time stream clock, in Unix seconds (NaN before the first event)",
+)
+_status_written_at = math.nan  # Unix seconds of the newest status sampled
+_lag_partitions: set[str] = set()  # the partitions FLOW_INPUT_LAG has a gauge for
+FLOW_STATUS_AGE.set_function(lambda: time.time() - _status_written_at)
+FLOW_STREAM_CLOCK.set(math.nan)
+
+
+def observe_pipeline_status(status: PipelineStatus | None) -> None:
+    """Set the flow gauges from the newest status read (None: the flow wrote none)."""
+    global _status_written_at
+    if status is None:
+        _status_written_at = math.nan
+        FLOW_STREAM_CLOCK.set(math.nan)
+        FLOW_INPUT_LAG.clear()
+        _lag_partitions.clear()
+        return
+    _status_written_at = status.updated_at.ToMicroseconds() / 1e6
+    FLOW_STREAM_CLOCK.set(status.stream_clock.ToMicroseconds() / 1e6
+                          if status.HasField("stream_clock") else math.nan)
+    lags = {str(p): lag.ToMicroseconds() / 1e6 for p, lag in status.partition_lags.items()}
+    for partition in _lag_partitions.difference(lags):  # no longer reported
+        FLOW_INPUT_LAG.remove(partition)
+    for partition, lag in lags.items():
+        FLOW_INPUT_LAG.labels(partition).set(lag)
+    _lag_partitions.clear()
+    _lag_partitions.update(lags)
 
 
 def serve_metrics(port: int, address: str = "0.0.0.0") -> bool:

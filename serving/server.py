@@ -40,7 +40,7 @@ from serving.convert import (
 )
 from serving.errors import DataError, InvalidArgument, NotFound, ServingError, Unavailable
 from serving.interceptors import Registrar
-from serving.metrics import REDIS_UP
+from serving.metrics import REDIS_UP, observe_pipeline_status
 from serving.store import ScoreStore, open_store
 from serving.threads import CallRouter
 from serving.watch import CLOSED, RESYNC, UpdateHub
@@ -216,7 +216,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServicer):
 
 
 class HealthChecker:
-    """Sets the health service to SERVING while Redis answers PING, NOT_SERVING otherwise."""
+    """Sets the health service to SERVING while Redis answers PING, NOT_SERVING otherwise;
+    samples the flow's pipeline status for the metrics while it does."""
 
     def __init__(self, store: ScoreStore, servicer: health.HealthServicer, interval: float):
         self._store = store
@@ -251,7 +252,17 @@ class HealthChecker:
                 self._servicer.set(service, status)
             REDIS_UP.set(1 if up else 0)
         self.serving = up
+        if up:
+            self._sample_pipeline_status()
         return up
+
+    def _sample_pipeline_status(self) -> None:
+        """The flow's status into the metrics (serving/metrics.py): one read per check."""
+        try:
+            raw = self._store.status(min(self._interval, self._store.timeout))
+            observe_pipeline_status(None if raw is None else status_message(raw))
+        except ServingError as exc:  # the gauges keep their values; the age grows
+            log.debug("pipeline status not sampled: %s", exc.message)
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -48,7 +48,10 @@ def test_status_line_reads_the_status_document(redis_conn: redis.Redis, unique: 
     redis_conn.hset(layout.status(), mapping={"v": 1, "doc": json.dumps(doc)})
     line = status_line(redis_conn, layout, None)
     assert "consumed 1,200, applied 1,100, rejected 60, duplicate 40" in line
-    assert "2026-01-02T03:04:05.000000Z" in line
+    assert "2026-01-02T03:04:05.000000Z" in line and "lag" not in line
+    redis_conn.hset(layout.status(), mapping={"v": 2, "doc": json.dumps(
+        {**doc, "input_lag_seconds": 1.5})})
+    assert "input lag 1.50 s" in status_line(redis_conn, layout, None)
 
 
 class Output:

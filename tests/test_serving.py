@@ -250,7 +250,8 @@ def test_pipeline_status_for_admins(api, conn, admin) -> None:
               "events_duplicate": 2, "stream_clock": "2026-01-02T03:04:05.000000Z",
               "updated_at": "2026-01-03T00:00:00.000000Z",
               "partition_clocks": {"0": "2026-01-02T03:04:05.000000Z",
-                                   "3": "2026-02-01T00:00:00.000000Z"}}
+                                   "3": "2026-02-01T00:00:00.000000Z"},
+              "input_lag_seconds": 12.5, "partition_lag_seconds": {"0": 0.0, "3": 12.5}}
     conn.hset(api.layout.status(), mapping={"v": 1, "doc": orjson.dumps(status)})
     s = admin.pipeline_status()
     assert (s.events_consumed, s.events_applied, s.events_rejected, s.events_duplicate) == (
@@ -258,9 +259,13 @@ def test_pipeline_status_for_admins(api, conn, admin) -> None:
     assert s.stream_clock.seconds == 1767323045 and s.updated_at.seconds == 1767398400
     assert {p: t.seconds for p, t in s.partition_clocks.items()} == {
         0: 1767323045, 3: 1769904000}
+    assert s.input_lag.ToMicroseconds() == 12_500_000
+    assert {p: d.ToMicroseconds() for p, d in s.partition_lags.items()} == {
+        0: 0, 3: 12_500_000}
     conn.hset(api.layout.status(), mapping={
-        "v": 2, "doc": orjson.dumps({**status, "stream_clock": None})})
+        "v": 2, "doc": orjson.dumps({**status, "stream_clock": None, "input_lag_seconds": None})})
     assert not admin.pipeline_status().HasField("stream_clock")
+    assert not admin.pipeline_status().HasField("input_lag")
 
 
 def test_model_report_is_empty_until_written(api, conn, admin) -> None:

@@ -14,10 +14,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 import redis
 
 from crmscore.embedded import free_port
+from crmscore.layout import RedisLayout
+from models.transaction import format_time
 from serving.auth import ApiKeys
 from serving.client import ScoringClient
 from tests.test_serving import (
@@ -102,6 +105,11 @@ def test_score_watch_prints_each_change_and_stops_on_ctrl_c(api, conn) -> None:
             proc.kill()
 
 
+def scrape(metrics_port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
 def test_serve_runs_until_sigterm_with_health_and_metrics(redis_url, conn) -> None:
     port, metrics_port = free_port(), free_port()
     prefix = f"serve-{uuid.uuid4().hex[:6]}:"
@@ -116,14 +124,34 @@ def test_serve_runs_until_sigterm_with_health_and_metrics(redis_url, conn) -> No
         with ScoringClient(f"127.0.0.1:{port}", ADMIN_KEY) as client:
             client.wait_ready(20)
             wait_for(lambda: client.health() == "SERVING", timeout=10, what="SERVING")
-            from crmscore.layout import RedisLayout
-
             write_score(conn, RedisLayout(prefix), score_doc("srv-1"))
             assert client.get_score("srv-1").customer_id == "srv-1"
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-            metrics = r.read().decode()
+        metrics = scrape(metrics_port)
         assert 'crmscore_grpc_request_seconds_count{code="OK",method="GetScore"} 1.0' in metrics
         assert "crmscore_redis_up 1.0" in metrics
+        assert "crmscore_flow_status_age_seconds NaN" in metrics  # no flow has run
+        # The flow's status, 30 s old, with partition 2 behind: the health checker's next
+        # sample (every second) puts it in the flow gauges.
+        written = time.time() - 30
+        conn.hset(RedisLayout(prefix).status(), mapping={"v": 1, "doc": orjson.dumps({
+            "events_consumed": 3, "events_applied": 3, "events_rejected": 0,
+            "events_duplicate": 0, "stream_clock": "2026-01-02T03:04:05.000000Z",
+            "updated_at": format_time(round(written * 1e6)), "input_lag_seconds": 4.5,
+            "partition_lag_seconds": {"0": 0.0, "2": 4.5}})})
+        wait_for(lambda: 'crmscore_flow_input_lag_seconds{partition="2"} 4.5'
+                 in scrape(metrics_port), timeout=10, what="the flow gauges")
+        metrics = scrape(metrics_port)
+        assert 'crmscore_flow_input_lag_seconds{partition="0"} 0.0' in metrics
+        assert "crmscore_flow_stream_clock_seconds 1.767323045e+09" in metrics
+        (age,) = re.findall(r"^crmscore_flow_status_age_seconds (\S+)$", metrics, re.M)
+        assert 30 <= float(age) < 60
+        # A flow restarted on fewer partitions: the gauge of partition 2 goes.
+        conn.hset(RedisLayout(prefix).status(), mapping={"v": 2, "doc": orjson.dumps({
+            "events_consumed": 3, "updated_at": format_time(round(time.time() * 1e6)),
+            "partition_lag_seconds": {"0": 0.0}})})
+        wait_for(lambda: 'partition="2"' not in scrape(metrics_port), timeout=10,
+                 what="partition 2's gauge to go")
+        assert "crmscore_flow_stream_clock_seconds NaN" in scrape(metrics_port)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from datetime import UTC, datetime
 
 import orjson
 
@@ -82,6 +83,47 @@ def test_counts_carry_the_newest_offsets_and_ends_of_each_partition():
     mark = Watermark(partitions={0, 1, 2})
     total.observed_by(mark)
     assert [mark.read_in_full(p) for p in (0, 1, 2)] == [True, False, True]
+
+
+def test_a_partition_lags_by_its_newest_message_s_age_until_read_in_full():
+    mark = Watermark(partitions={0, 1, 2, 3})
+    sum_counts([Counts(1, offsets=((0, 7), (1, 3)), stamps=((0, 40_000), (1, 55_000))),
+                Counts(1, offsets=((0, 5),), stamps=((0, 30_000),)),  # older, same partition
+                Counts(ends=((1, 4),)), Counts(ends=((2, 0),), empty=(2,))]).observed_by(mark)
+    # 0: its newest message (40 s) was read 60 s in; 1 and 2 are read in full; 3 unknown.
+    assert mark.lags(now_ms=100_000) == {0: 60.0, 1: 0.0, 2: 0.0}
+    assert mark.lags(now_ms=10_000)[0] == 0.0  # a producer clock ahead of ours: no lag
+    mark.update({}, offsets={1: 9}, stamps={1: 99_000})  # partition 1 delivers again
+    assert mark.lags(now_ms=100_500)[1] == 1.5
+    mark.update({}, ends={0: 8})
+    assert mark.lags(now_ms=200_000)[0] == 0.0
+    # Not snapshotted: a restored watermark has not read anything in this run.
+    restored = pickle.loads(pickle.dumps(mark))
+    restored.partitions = frozenset({0, 1})
+    assert restored.lags(now_ms=200_000) == {}
+
+
+def test_the_status_gives_each_partition_s_lag_and_the_largest():
+    clock = ClockLogic(None, RedisLayout("t:"), partitions=(0, 1))
+    written_ms = time.time_ns() // 1_000_000 - 3_600_000  # an hour-old backlog
+    out, _ = clock.on_batch([Counts(1, 0, 0, 30 * BUCKET_US, ((0, 30 * BUCKET_US),),
+                                    offsets=((0, 4),), stamps=((0, written_ms),)),
+                             Counts(ends=((1, 0),), empty=(1,))])
+    (status,) = [orjson.loads(o.doc) for o in out if isinstance(o, VersionedDoc)]
+    lags = status["partition_lag_seconds"]
+    assert lags["1"] == 0.0 and 3600 <= lags["0"] < 3660
+    assert status["input_lag_seconds"] == lags["0"]
+    clock.on_batch([Counts(ends=((0, 5),))])  # read in full: written with the heartbeat
+    clock.status_due = datetime.now(UTC)
+    out, _ = clock.on_notify()
+    (status,) = [orjson.loads(o.doc) for o in out if isinstance(o, VersionedDoc)]
+    assert status["partition_lag_seconds"] == {"0": 0.0, "1": 0.0}
+    assert status["input_lag_seconds"] == 0.0
+    empty = ClockLogic(None, RedisLayout("t:"), partitions=(0,))
+    empty.status_due = datetime.now(UTC)
+    (status,) = [orjson.loads(o.doc) for o in empty.on_notify()[0]
+                 if isinstance(o, VersionedDoc)]
+    assert status["input_lag_seconds"] is None and status["partition_lag_seconds"] == {}
 
 
 def test_counts_of_a_batch_keep_the_newest_event_time_of_each_partition():

@@ -122,7 +122,8 @@ def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, uni
     from at all (at the start), and partition 0 silent for
     ``CRMSCORE_PARTITION_IDLE_SECONDS`` with events unread (the freeze; any stall did it:
     Redis frozen, a long pause of the worker). Both failed this test before the flow
-    named its partitions and used their ends (flows/watermark.py).
+    named its partitions and used their ends (flows/watermark.py). Meanwhile the status
+    shows how far partition 0 trails (``partition_lag_seconds``).
     """
     from crmscore.embedded import start_broker
 
@@ -132,6 +133,7 @@ def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, uni
         settings = Settings.from_env(env.env(CRMSCORE_TOPIC_PARTITIONS="2"))
         ensure_topics(settings, [env.topic])
         kafka = producer(settings)
+        publishing = time.time()
         backlog = 30_000
         for i in range(backlog):
             kafka.produce(env.topic, purchase(f"b{i % 3000}", i * 60 // backlog), b"b",
@@ -142,6 +144,7 @@ def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, uni
         for day in (0, 40, 80, 120, 160, 200):
             kafka.produce(env.topic, purchase("y", day), b"y", partition=1)
         assert kafka.flush(30) == 0
+        published = time.time()
         total = backlog + 7
 
         conn = redis.Redis.from_url(redis_url)
@@ -158,16 +161,23 @@ def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, uni
                 st = status(conn, env.layout) or st
             assert st["stream_clock"] is not None, st
             private.pause()
-            clocks = []
+            clocks, lags = [], []
             try:
                 deadline = time.monotonic() + 8  # the prefetched messages, then silence
                 while time.monotonic() < deadline:
                     st = status(conn, env.layout) or st
                     clocks.append((st["events_consumed"], st["stream_clock"]))
+                    lags.append((st["events_consumed"], epoch(st["updated_at"]),
+                                 st["partition_lag_seconds"]))
                     time.sleep(0.1)
             finally:
                 private.resume()
             st = wait_for_consumed(conn, env.layout, total, proc)
+            # Read in full: the heartbeat (every 5 s) says that neither partition lags.
+            deadline = time.monotonic() + 30
+            while st["input_lag_seconds"] != 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+                st = status(conn, env.layout) or st
         finally:
             kill(proc)
     finally:
@@ -176,3 +186,12 @@ def test_a_stalled_read_does_not_let_the_clock_pass_unread_events(redis_url, uni
     assert stalled, "partition 0 was read in full before the broker froze: nothing shown"
     assert all(epoch(clock) <= epoch(at(60)) for _, clock in stalled), stalled[-3:]
     assert st["events_consumed"] == total
+    # Partition 0 lags while it stalls, by the age of its newest message read when the
+    # status was written (the broker's timestamp: published within [publishing,
+    # published]); once read in full, and a heartbeat later, by nothing.
+    stalled_lags = [(at, lag["0"]) for n, at, lag in lags if n < total]
+    assert stalled_lags
+    assert all(at - published - 0.01 <= lag <= at - publishing + 0.01
+               for at, lag in stalled_lags), (publishing, published, stalled_lags[-3:])
+    assert st["partition_lag_seconds"] == {"0": 0.0, "1": 0.0}, st
+    assert st["input_lag_seconds"] == 0.0
