@@ -91,6 +91,7 @@ Wake(customer_id='c-42', due_us=0, stale=False, bundle_version=9)
 from __future__ import annotations
 
 import heapq
+import pickle
 import time
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -221,23 +222,35 @@ def decode_wake(key: bytes | None, value: bytes | None, stale: bool = False) -> 
 
 
 # closed, held registrations, and the rescore to fire (None, or one a snapshot of an
-# older version of the flow did not have)
-BucketState = tuple[bool, set[Registration]] | tuple[bool, set[Registration], RescoreAll | None]
+# older version of the flow did not have): snapshots before session 26
+OldBucketState = tuple[bool, set[Registration]] | tuple[bool, set[Registration],
+                                                         RescoreAll | None]
 
 
 class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | RescoreAll, Wake,
-                                           BucketState]):
+                                           bytes | OldBucketState]):
     """One hour of due instants: holds registrations until its tick, then fires them; a
     :class:`Cancel` drops one; on a :class:`RescoreAll`, fires a rescore wake for each at
-    its time and keeps them."""
+    its time and keeps them.
 
-    def __init__(self, resume: BucketState | None) -> None:
-        self.closed = False if resume is None else resume[0]
+    A bucket holds ~(customers waiting / hours they wait in): ~600 registrations an hour
+    at 100,000 customers, and it is snapshotted whole at the end of each epoch it was
+    touched in, as live events register and cancel. So its snapshot is bytes, pickled
+    from columns: 176-229 µs for 600 registrations, against 1,113 µs for bytewax's pickle
+    of a set of them (the form before session 26, still read)."""
+
+    def __init__(self, resume: bytes | OldBucketState | None) -> None:
         # by (customer, due instant): what a cancel names
-        self.held: dict[tuple[str, int], Registration] = {} if resume is None else {
-            (r.customer_id, r.due_us): r for r in resume[1]}
-        self.rescore: RescoreAll | None = None if resume is None or len(resume) < 3 else (
-            resume[2])  # type: ignore[misc]
+        self.held: dict[tuple[str, int], Registration] = {}
+        self.closed, self.rescore = False, None
+        if isinstance(resume, bytes):
+            self.closed, customers, dues, versions, self.rescore = pickle.loads(resume)
+            self.held = {(c, d): Registration(c, d, v)
+                         for c, d, v in zip(customers, dues, versions, strict=True)}
+        elif resume is not None:
+            self.closed = resume[0]
+            self.held = {(r.customer_id, r.due_us): r for r in resume[1]}
+            self.rescore = resume[2] if len(resume) > 2 else None  # type: ignore[misc]
 
     def on_batch(self, values: list[Registration | Cancel | Tick | RescoreAll]
                  ) -> tuple[list[Wake], bool]:
@@ -276,5 +289,8 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | Rescore
         return [Wake(r.customer_id, r.due_us, bundle_version=rescore.bundle_version)
                 for r in self.held.values()]
 
-    def snapshot(self) -> BucketState:
-        return self.closed, set(self.held.values()), self.rescore
+    def snapshot(self) -> bytes:
+        held = self.held.values()
+        return pickle.dumps((self.closed, [r.customer_id for r in held],
+                             [r.due_us for r in held], [r.bundle_version for r in held],
+                             self.rescore), protocol=pickle.HIGHEST_PROTOCOL)
