@@ -117,7 +117,7 @@ def parse(msg: Message, max_future_us: int, timers_topic: str,
           started_ms: int) -> Accepted | Refused | Wake:
     if msg.topic == timers_topic:
         # Written before this run of the flow started: from before a restart.
-        stale = msg.timestamp is not None and 0 < msg.timestamp[1] < started_ms
+        stale = (written_ms := kafka_ms(msg)) is not None and written_ms < started_ms
         try:
             return decode_wake(msg.key, msg.value, stale)
         except ValueError as exc:
