@@ -98,6 +98,7 @@ from typing import NamedTuple
 
 from bytewax.operators import StatefulBatchLogic
 
+from flows.bucket_journal import BucketJournal
 from models.transaction import SECOND_US
 
 BUCKET_US = 3600 * SECOND_US  # one hour of event time per timer bucket
@@ -233,24 +234,33 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | Rescore
     :class:`Cancel` drops one; on a :class:`RescoreAll`, fires a rescore wake for each at
     its time and keeps them.
 
-    A bucket holds ~(customers waiting / hours they wait in): ~600 registrations an hour
-    at 100,000 customers, and it is snapshotted whole at the end of each epoch it was
-    touched in, as live events register and cancel. So its snapshot is bytes, pickled
-    from columns: 176-229 µs for 600 registrations, against 1,113 µs for bytewax's pickle
-    of a set of them (the form before session 26, still read)."""
+    A bucket holds ~(customers waiting / hours they wait in): ~470 registrations an hour
+    near the clock at 100,000 customers, and it is snapshotted whole at the end of each
+    epoch it was touched in, as live events register and cancel. So it keeps them as a
+    journal of changes, whose snapshot is a copy of bytes (flows/bucket_journal.py)."""
 
     def __init__(self, resume: bytes | OldBucketState | None) -> None:
-        # by (customer, due instant): what a cancel names
-        self.held: dict[tuple[str, int], Registration] = {}
+        self.journal = BucketJournal()
         self.closed, self.rescore = False, None
         if isinstance(resume, bytes):
-            self.closed, customers, dues, versions, self.rescore = pickle.loads(resume)
-            self.held = {(c, d): Registration(c, d, v)
-                         for c, d, v in zip(customers, dues, versions, strict=True)}
+            state = pickle.loads(resume)
+            if len(state) == 3:  # closed, rescore, journal
+                self.closed, self.rescore, journal = state
+                self.journal = BucketJournal(journal)
+            else:  # session 26: closed, then columns of the registrations, and rescore
+                self.closed, customers, dues, versions, self.rescore = state
+                for c, d, v in zip(customers, dues, versions, strict=True):
+                    self.journal.add(c, d, v)
         elif resume is not None:
             self.closed = resume[0]
-            self.held = {(r.customer_id, r.due_us): r for r in resume[1]}
+            for r in resume[1]:
+                self.journal.add(*r)
             self.rescore = resume[2] if len(resume) > 2 else None  # type: ignore[misc]
+
+    @property
+    def held(self) -> dict[tuple[str, int], Registration]:
+        """The registrations held, by (customer, due instant): what a cancel names."""
+        return {(c, d): Registration(c, d, v) for (c, d), v in self.journal.held.items()}
 
     def on_batch(self, values: list[Registration | Cancel | Tick | RescoreAll]
                  ) -> tuple[list[Wake], bool]:
@@ -259,19 +269,19 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | Rescore
             if isinstance(item, Tick):
                 self.closed = True
                 fired.extend(r.wake(item.clock_us) for r in self.held.values())
-                self.held = {}
+                self.journal.clear()
                 self.rescore = None
             elif isinstance(item, RescoreAll):
-                if self.held:  # the newer version, at the earlier of the two times
+                if self.journal.held:  # the newer version, at the earlier of the two times
                     pending = self.rescore or item
                     self.rescore = RescoreAll(max(item.bundle_version, pending.bundle_version),
                                               min(item.fire_at_s, pending.fire_at_s))
             elif isinstance(item, Cancel):
-                self.held.pop((item.customer_id, item.due_us), None)  # closed: it fired
+                self.journal.drop(item.customer_id, item.due_us)  # closed: it fired
             elif self.closed:
                 fired.append(item.wake())
             else:
-                self.held[item.customer_id, item.due_us] = item
+                self.journal.add(*item)
         return fired + self._fire_rescore(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -286,11 +296,9 @@ class TimerBucketLogic(StatefulBatchLogic[Registration | Cancel | Tick | Rescore
         if rescore is None or rescore.fire_at_s > time.time():
             return []
         self.rescore = None
-        return [Wake(r.customer_id, r.due_us, bundle_version=rescore.bundle_version)
-                for r in self.held.values()]
+        return [Wake(c, d, bundle_version=rescore.bundle_version)
+                for c, d in self.journal.held]
 
     def snapshot(self) -> bytes:
-        held = self.held.values()
-        return pickle.dumps((self.closed, [r.customer_id for r in held],
-                             [r.due_us for r in held], [r.bundle_version for r in held],
-                             self.rescore), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((self.closed, self.rescore, self.journal.snapshot()),
+                            protocol=pickle.HIGHEST_PROTOCOL)

@@ -146,7 +146,8 @@ def test_a_cancel_drops_the_registration_it_names_until_the_tick():
     resumed = TimerBucketLogic(bucket.snapshot())
     assert resumed.held == {("b", 7): Registration("b", 7)} and not resumed.closed
     older = TimerBucketLogic((False, {Registration("b", 7)}, None))  # before session 26
-    assert older.held == resumed.held and older.snapshot() == resumed.snapshot()
+    assert older.held == resumed.held
+    assert TimerBucketLogic(older.snapshot()).held == resumed.held
     fired, _ = resumed.on_batch([Tick(BUCKET_US)])
     assert fired == [Wake("b", BUCKET_US)]  # up to the clock that ticked it
     assert resumed.on_batch([Cancel("b", 7)])[0] == []  # it fired already: nothing to do
