@@ -11,6 +11,11 @@ customer's currency) go to customers drawn at random, at a fixed rate for a fixe
 A watched customer's k-th purchase from then on is timed from just before it is handed
 to the producer until its watch yields a score document with k more purchases.
 
+With ``held`` (``python -m bench.freshness --held 100000``), that many more customers'
+state is in the flow too: two purchases each over the 60 days before the history ends
+(bench/memory.py ``scale_events``), published after it, with a minute to settle. They
+buy nothing while measured; they are the population a real flow holds.
+
 Samples still unseen when the run ends (the flow fell behind) count as slower than
 the wait, so they raise the percentiles instead of vanishing from them. The consumer
 lag (events published minus the status document's events_consumed) is reported at
@@ -19,10 +24,12 @@ the end of publishing and after the wait.
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -35,7 +42,8 @@ from typing import Any
 import grpc
 import orjson
 
-from bench.processes import Pipeline, Stack, wait_until
+from bench.memory import scale_events
+from bench.processes import Pipeline, Stack, private_stack, wait_until
 from crmscore.clients import producer
 from crmscore.embedded import free_port, port_open
 from crmscore.replay import TokenBucket, publish_lines
@@ -93,13 +101,17 @@ def purchase(event_id: str, customer_id: str, currency: str = "EUR") -> bytes:
 
 HISTORY_DAYS = 365
 SETTLE_S = 10.0  # after the clock jump: its burst of wake-ups, and several epochs
+HELD_SETTLE_S = 60.0  # with customers held: their wake-ups, and the snapshot of them all
 
 
-def history(directory: Path, customers: int) -> tuple[list[bytes], dict[str, str]]:
-    """A year of clean generated history ending a day before now, and each customer's
-    currency (a purchase in another one would be refused)."""
+def history(directory: Path, customers: int, held: int = 0
+            ) -> tuple[list[bytes], dict[str, str]]:
+    """A year of clean generated history ending a day before now, then ``held`` more
+    customers' purchases, and the history customers' currency (a purchase in another one
+    would be refused)."""
     out = directory / "history.jsonl"
-    start = datetime.now(UTC) - timedelta(days=HISTORY_DAYS + 1)
+    end = datetime.now(UTC) - timedelta(days=1)
+    start = end - timedelta(days=HISTORY_DAYS)
     subprocess.run(
         [sys.executable, "-m", "crmscore.cli", "generate", "--customers", str(customers),
          "--days", str(HISTORY_DAYS), "--start", start.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -111,7 +123,7 @@ def history(directory: Path, customers: int) -> tuple[list[bytes], dict[str, str
     for line in lines:
         event = orjson.loads(line)
         currency.setdefault(event["customer_id"], event["currency"])
-    return lines, currency
+    return lines + list(scale_events(held, end=end)), currency
 
 
 @dataclass(frozen=True)
@@ -130,6 +142,7 @@ class Freshness:
     consumed_rate: float  # events/s the flow consumed while publishing
     watch_errors: dict[str, int]
     in_redis_s: list[float]  # every customer: occurred_at -> document published (sorted)
+    held: int = 0  # more customers in the flow's state, not buying
 
     @property
     def unseen(self) -> int:
@@ -188,7 +201,8 @@ def markdown(results: list[Freshness]) -> list[str]:
     first = results[0]
     return [
         f"`crmscore flow` (tail mode, recovery on) and `crmscore serve` (auth off) as child "
-        f"processes; {first.customers:,} customers with a year of history replayed first, then "
+        f"processes; {first.customers:,} customers with a year of history replayed first"
+        f"{f' ({first.held:,} more held: two purchases each)' if first.held else ''}, then "
         f"{first.seconds:g} s of purchases at each rate to random customers; "
         f"{first.watched} of them watched through WatchCustomer. \"in Redis\": every "
         f"customer's first document of each new event, from the event's occurred_at to "
@@ -207,7 +221,7 @@ def markdown(results: list[Freshness]) -> list[str]:
 
 
 def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: int,
-            max_wait_s: float) -> Freshness:
+            max_wait_s: float, held: int = 0) -> Freshness:
     pipeline = Pipeline(stack, f"fresh{rate:.0f}")
     settings = pipeline.settings()
     flow = pipeline.start("flow")
@@ -216,7 +230,7 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         "serve", CRMSCORE_GRPC_ADDRESS=f"127.0.0.1:{port}", CRMSCORE_AUTH="off",
         CRMSCORE_METRICS_PORT="0", CRMSCORE_MAX_WATCHERS=str(watched),
     )
-    lines, currency = history(pipeline.directory, customers)
+    lines, currency = history(pipeline.directory, customers, held)
     ids = sorted(currency)
     rng = random.Random(11)
     samples = Samples(rng.sample(ids, watched))
@@ -235,7 +249,7 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         publish_lines(settings, [purchase("clock", "clock")], kafka=kafka)
         wait_until(lambda: pipeline.events_consumed() > len(lines), 120,
                    "the flow consuming the clock's purchase", flow)
-        time.sleep(SETTLE_S)
+        time.sleep(HELD_SETTLE_S if held else SETTLE_S)
         wait_until(lambda: port_open("127.0.0.1", port), 60, "crmscore serve listening", server)
         with ScoringClient(f"127.0.0.1:{port}") as client:
             for customer_id in samples.first_doc:
@@ -276,7 +290,7 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         len(latencies_s) + unseen, latencies_s, waited_s,
         published_all - consumed_at_end, published_all - consumed_after,
         (consumed_at_end - consumed_before) / published_s, dict(samples.watch_errors),
-        in_redis_s,
+        in_redis_s, held,
     )
 
 
@@ -307,3 +321,25 @@ def _watch(client: ScoringClient, customer_id: str, samples: Samples) -> Any:
 
     threading.Thread(target=follow, name=f"watch-{customer_id}", daemon=True).start()
     return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.freshness", description=(
+        "Freshness at one rate, on a private broker and Redis; the flow's settings come "
+        "from the environment (e.g. CRMSCORE_SNAPSHOT_INTERVAL)."))
+    parser.add_argument("--rate", type=float, default=TARGET_RATE)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--customers", type=int, default=2000)
+    parser.add_argument("--watched", type=int, default=50)
+    parser.add_argument("--held", type=int, default=0,
+                        help="more customers in the flow's state (not buying)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, private_stack(Path(tmp)) as stack:
+        result = measure(stack, args.rate, args.seconds, args.customers, args.watched,
+                         max_wait_s=30.0, held=args.held)
+    print("\n".join(markdown([result])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

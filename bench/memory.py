@@ -193,11 +193,13 @@ SCALE_DAYS = 60  # the purchases are spread over this many days, ending at SCALE
 SCALE_END = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def scale_events(customers: int, purchases: int = SCALE_PURCHASES) -> Iterator[bytes]:
+def scale_events(customers: int, purchases: int = SCALE_PURCHASES,
+                 end: datetime = SCALE_END) -> Iterator[bytes]:
     """``purchases`` purchases of each of ``customers`` customers, in time order: the
-    customers take turns, one purchase each per round, over ``SCALE_DAYS`` days."""
+    customers take turns, one purchase each per round, over the ``SCALE_DAYS`` days
+    before ``end``."""
     total = customers * purchases
-    start = SCALE_END - timedelta(days=SCALE_DAYS)
+    start = end - timedelta(days=SCALE_DAYS)
     for k in range(total):
         n = k % customers
         at = start + timedelta(days=SCALE_DAYS) * k / total

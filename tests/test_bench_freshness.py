@@ -1,0 +1,21 @@
+"""The freshness bench's history, with customers held beside it (bench/freshness.py)."""
+
+from datetime import UTC, datetime, timedelta
+
+import orjson
+
+from bench.freshness import history
+
+
+def test_held_customers_come_after_the_history_and_end_with_it(tmp_path):
+    alone, currency = history(tmp_path / "alone", 20)
+    lines, same_currency = history(tmp_path / "held", 20, held=7)
+    # the same seed; the start may differ by a second between the calls
+    assert len(lines) == len(alone) + 7 * 2 and currency == same_currency
+    held = [orjson.loads(line) for line in lines[len(alone):]]
+    assert len({e["customer_id"] for e in held}) == 7  # two purchases each
+    assert {e["customer_id"] for e in held}.isdisjoint(currency)  # never sent a purchase
+    a_day_ago = datetime.now(UTC) - timedelta(days=1)
+    for event in held:
+        at = datetime.fromisoformat(event["occurred_at"])
+        assert a_day_ago - timedelta(days=61) < at <= a_day_ago
