@@ -39,14 +39,14 @@ class BucketJournal:
 
     def __init__(self, journal: bytes = b"") -> None:
         self.held: dict[tuple[str, int], int] = {}
-        self._journal = bytearray()
+        self._journal = bytearray(journal)  # kept as read: within its bound when written
         self._records = 0
         for customer_id, due_us, version in _records(journal):
+            self._records += 1
             if version == DROPPED:
                 self.held.pop((customer_id, due_us), None)
             else:
                 self.held[customer_id, due_us] = version
-        self._rewrite()
 
     def add(self, customer_id: str, due_us: int, bundle_version: int) -> None:
         self.held[customer_id, due_us] = bundle_version
