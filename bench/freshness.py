@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,8 @@ class Freshness:
     watch_errors: dict[str, int]
     in_redis_s: list[float]  # every customer: occurred_at -> document published (sorted)
     held: int = 0  # more customers in the flow's state, not buying
+    restarted: bool = False  # the flow was restarted on its store before measuring
+    epoch_s: float | None = None  # the snapshot interval it ran at, as its log said
 
     @property
     def unseen(self) -> int:
@@ -187,6 +190,9 @@ class Freshness:
 
     def note(self) -> str:
         errors = (f"; watch errors: {dict(self.watch_errors)}" if self.watch_errors else "")
+        if self.epoch_s is not None:
+            errors += (f"; {'restarted on its store, ' if self.restarted else ''}"
+                       f"it ran {self.epoch_s:g} s epochs")
         if self.kept_up:
             return f"- {self.rate:,.0f}/s: the flow kept up{errors}."
         behind = self.lag_at_end / max(self.consumed_rate, 1.0)
@@ -221,7 +227,7 @@ def markdown(results: list[Freshness]) -> list[str]:
 
 
 def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: int,
-            max_wait_s: float, held: int = 0) -> Freshness:
+            max_wait_s: float, held: int = 0, restart: bool = False) -> Freshness:
     pipeline = Pipeline(stack, f"fresh{rate:.0f}")
     settings = pipeline.settings()
     flow = pipeline.start("flow")
@@ -250,6 +256,15 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         wait_until(lambda: pipeline.events_consumed() > len(lines), 120,
                    "the flow consuming the clock's purchase", flow)
         time.sleep(HELD_SETTLE_S if held else SETTLE_S)
+        if restart:
+            # As a deployed flow restarts on the state it holds: it chooses its snapshot
+            # interval then, from the scan of its store (flows/recovery_scan.py).
+            flow.stop()
+            restarted_at = time.time()
+            flow = pipeline.start("flow")
+            wait_until(lambda: _status_written_after(pipeline, restarted_at), 600,
+                       "the restarted flow writing its status", flow)
+            time.sleep(SETTLE_S)
         wait_until(lambda: port_open("127.0.0.1", port), 60, "crmscore serve listening", server)
         with ScoringClient(f"127.0.0.1:{port}") as client:
             for customer_id in samples.first_doc:
@@ -290,8 +305,24 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
         len(latencies_s) + unseen, latencies_s, waited_s,
         published_all - consumed_at_end, published_all - consumed_after,
         (consumed_at_end - consumed_before) / published_s, dict(samples.watch_errors),
-        in_redis_s, held,
+        in_redis_s, held, restart, ran_epochs_s(flow.log_tail(chars=10**7)),
     )
+
+
+def _status_written_after(pipeline: Pipeline, at: float) -> bool:
+    status = pipeline.status()
+    return status is not None and datetime.fromisoformat(status["updated_at"]).timestamp() > at
+
+
+def ran_epochs_s(flow_log: str) -> float | None:
+    """The snapshot interval a flow ran at, from its report of the recovery scan at start
+    (None without one).
+
+    >>> ran_epochs_s("... 9% of a 1.07 s snapshot interval, growing with the keys")
+    1.07
+    """
+    said = re.search(r"of a ([0-9.]+) s snapshot interval", flow_log)
+    return None if said is None else float(said.group(1))
 
 
 def _paced(ids: list[str], currency: dict[str, str], counts: dict[str, int], total: int,
@@ -333,10 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watched", type=int, default=50)
     parser.add_argument("--held", type=int, default=0,
                         help="more customers in the flow's state (not buying)")
+    parser.add_argument("--restart", action="store_true",
+                        help="restart the flow on its store before measuring (it chooses "
+                             "its snapshot interval at start)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, private_stack(Path(tmp)) as stack:
         result = measure(stack, args.rate, args.seconds, args.customers, args.watched,
-                         max_wait_s=30.0, held=args.held)
+                         max_wait_s=30.0, held=args.held, restart=args.restart)
     print("\n".join(markdown([result])))
     return 0
 

@@ -89,9 +89,18 @@ class Settings:
     # ahead (flows/scoring.py CustomerLogic.snapshot), the freshness p99 was 55-65 ms with
     # 1 s epochs, 48-58 ms with 0.5 s, 42-46 ms with 0.25 s; replay throughput within
     # noise of each other. Every epoch also pays a scan of all the keys held (~0.9 µs
-    # each, flows/recovery_scan.py): large populations need a longer interval.
+    # each, flows/recovery_scan.py): large populations need a longer interval, which the
+    # flow chooses at start (snapshot_scan_share).
     snapshot_interval: float = _setting(
-        0.25, "seconds between state snapshots (bytewax epoch)", above=0
+        0.25, "seconds between state snapshots (bytewax epoch), the shortest: the flow "
+        "lengthens it at start for CRMSCORE_SNAPSHOT_SCAN_SHARE", above=0
+    )
+    # 0.1: at 100,000 customers (scan ~0.1 s) 1 s epochs, the best measured there
+    # (README "Freshness falls with the population held").
+    snapshot_scan_share: float = _setting(
+        0.1, "the most of each epoch bytewax's scan of the recovery store may take: at start "
+        "the flow times the scan and lengthens the snapshot interval to match (0: keep "
+        "CRMSCORE_SNAPSHOT_INTERVAL as set)", at_least=0, at_most=0.5
     )
     backup_interval: float = _setting(
         0.0, "seconds to keep old snapshots (bytewax backup interval)", at_least=0

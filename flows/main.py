@@ -28,7 +28,7 @@ from crmscore.settings import Settings
 from flows.heap_trim import HeapTrimmer
 from flows.kafka_source import ProcessShare
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
-from flows.recovery_scan import ScanWatch
+from flows.recovery_scan import WARN_SHARE, ScanWatch
 from flows.scoring import build_flow
 from models.alert_rules import AlertRulesError
 from models.churn import ChurnModelsError
@@ -42,10 +42,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_setting_flags(
         parser, "kafka_bootstrap", "redis_url", "redis_prefix", "redis_cluster",
         "transactions_topic", "dlq_topic", "alerts_topic", "timers_topic", "topic_partitions",
-        "recovery_dir",
-        "recovery_partitions", "snapshot_interval", "backup_interval", "lateness_days",
-        "max_future_seconds", "churn_horizon_days", "clv_horizon_days", "alert_rules",
-        "churn_models",
+        "recovery_dir", "recovery_partitions", "snapshot_interval", "snapshot_scan_share",
+        "backup_interval", "lateness_days", "max_future_seconds", "churn_horizon_days",
+        "clv_horizon_days", "alert_rules", "churn_models",
     )
     parser.add_argument("--until-end", action="store_true",
                         help="stop at the end of the topic instead of waiting for new events")
@@ -118,8 +117,14 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     tune_gc()
     recovery = None if args.no_recovery else recovery_config(settings)
+    epoch_s = settings.snapshot_interval
     if recovery is not None:
-        ScanWatch(Path(settings.recovery_dir), settings.snapshot_interval).start()
+        # Before bytewax opens the store: the interval is fixed for the run.
+        watch = ScanWatch(Path(settings.recovery_dir), epoch_s,
+                          share=settings.snapshot_scan_share or WARN_SHARE,
+                          workers=share.processes * args.workers_per_process)
+        epoch_s = watch.choose_interval(lengthen=settings.snapshot_scan_share > 0)
+        watch.start()
     if settings.heap_trim_seconds:
         HeapTrimmer(settings.heap_trim_seconds).start()
     log.info("flow starting: %s", settings.redacted())
@@ -128,7 +133,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         workers_per_process=args.workers_per_process,
         process_id=args.process_id,
         addresses=addresses,
-        epoch_interval=timedelta(seconds=settings.snapshot_interval),
+        epoch_interval=timedelta(seconds=epoch_s),
         recovery_config=recovery,
     )
     return 0

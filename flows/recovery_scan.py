@@ -11,9 +11,14 @@ by default, chosen for freshness at small populations) while new events wait. A 
 holding a million customers needs an interval of ~10 s or more, or its keys spread over
 more processes and partitions. Keys are never dropped: a discarded state leaves an empty row.
 
-:func:`scan` runs the same scan, read-only, and times it; ``crmscore flow`` runs it at
-start and every 15 minutes (:class:`ScanWatch`), and warns when it takes more than
-``WARN_SHARE`` of the snapshot interval.
+:func:`scan` runs the same scan, read-only, and times it. ``crmscore flow`` runs it at
+start, before bytewax opens the store, and lengthens the snapshot interval so that the
+scan takes at most ``CRMSCORE_SNAPSHOT_SCAN_SHARE`` of each epoch
+(:meth:`ScanWatch.choose_interval`): a flow restarted on 100,000 customers runs 1 s
+epochs by itself, where 0.25 s ones spent most of their time scanning. bytewax fixes the
+interval for a run, so a population that grows while the flow runs is caught by the
+scan every 15 minutes (:meth:`ScanWatch.start`), which warns when it takes more than
+that share.
 
 **Never in the process of a running flow.** bytewax links its own copy of SQLite; a
 second copy in the same process (Python's ``sqlite3``) on the same live store breaks
@@ -31,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import subprocess
 import sys
@@ -70,6 +76,20 @@ class RecoveryScan(NamedTuple):
         """The snapshot interval at which the scan takes ``share`` of each epoch."""
         return self.seconds / share
 
+    def per_worker(self, workers: int) -> RecoveryScan:
+        """The scan one worker pays: each commits its own partitions, the busiest
+        ``ceil(partitions / workers)`` of them (taken as scanning alike).
+
+        >>> RecoveryScan(partitions=4, keys=400, superseded=0, seconds=0.8).per_worker(3)
+        RecoveryScan(partitions=2, keys=200, superseded=0, seconds=0.4)
+        """
+        if self.partitions <= 1 or workers <= 1:
+            return self
+        owned = math.ceil(self.partitions / workers)
+        part = owned / self.partitions
+        return RecoveryScan(owned, round(self.keys * part), round(self.superseded * part),
+                            self.seconds * part)
+
 
 def scan(recovery_dir: Path) -> RecoveryScan:
     """Time bytewax's end-of-epoch scan over every recovery partition in the directory
@@ -100,52 +120,73 @@ def scan_apart(recovery_dir: Path, timeout_s: float = 600.0) -> RecoveryScan:
 
 
 class ScanWatch:
-    """Times the scan at start and then every ``every_s`` while the flow runs (its keys
-    grow with every new customer): says what it costs at start, and warns when it takes
-    more than ``WARN_SHARE`` of the snapshot interval, again each time that share has
-    doubled since the last warning."""
+    """Times the scan before the flow starts, to choose its snapshot interval
+    (:meth:`choose_interval`), and then every ``every_s`` while it runs (its keys grow
+    with every new customer, :meth:`start`). Warns when the scan takes more than
+    ``share`` of the interval, again each time that share has doubled since the last
+    warning. ``workers`` is the cluster's worker count: each pays the scan of its own
+    partitions. A scan that fails is said and does not stop the flow: bytewax reads its
+    store on its own."""
 
-    def __init__(self, recovery_dir: Path, snapshot_interval_s: float) -> None:
+    def __init__(self, recovery_dir: Path, snapshot_interval_s: float,
+                 share: float = WARN_SHARE, workers: int = 1) -> None:
         self.recovery_dir = recovery_dir
-        self.snapshot_interval_s = snapshot_interval_s
+        self.set_interval_s = self.snapshot_interval_s = snapshot_interval_s
+        self.share = share
+        self.workers = workers
         self.warned_share = 0.0
         self.checks = 0
         self.stopped = threading.Event()
 
-    def check(self) -> RecoveryScan:
-        found = scan_apart(self.recovery_dir)
+    def choose_interval(self, lengthen: bool = True) -> float:
+        """Check now and, with ``lengthen``, lengthen the snapshot interval (never shorten
+        it) so that the scan takes at most ``share`` of each epoch; returns the interval
+        to run at (as set when the scan fails)."""
+        self.check(lengthen)
+        return self.snapshot_interval_s
+
+    def check(self, lengthen: bool = False) -> RecoveryScan | None:
+        """Scan now and say what it costs (None: the scan failed)."""
+        try:
+            found = scan_apart(self.recovery_dir).per_worker(self.workers)
+        except (ScanFailed, subprocess.TimeoutExpired, OSError) as exc:
+            log.warning("could not scan the recovery store %s: %s", self.recovery_dir, exc)
+            return None
+        if lengthen:
+            self.snapshot_interval_s = max(self.snapshot_interval_s,
+                                           found.interval_for(self.share))
+        self.report(found)
+        return found
+
+    def report(self, found: RecoveryScan) -> None:
+        """Say what the scan costs the first time, warn when it takes too much."""
         share = found.share_of(self.snapshot_interval_s)
-        message = ("recovery holds %d state keys in %d partition(s); bytewax scans them all "
-                   "at the end of every epoch: %.1f ms now, %.0f%% of a %g s snapshot "
-                   "interval, growing with the keys")
+        lengthened = (f" (lengthened from CRMSCORE_SNAPSHOT_INTERVAL={self.set_interval_s:g} "
+                      f"s for CRMSCORE_SNAPSHOT_SCAN_SHARE={self.share:g})"
+                      if self.snapshot_interval_s > self.set_interval_s else "")
+        message = ("recovery holds %d state keys in %d partition(s) a worker commits; "
+                   "bytewax scans them all at the end of every epoch: %.1f ms now, %.0f%% "
+                   "of a %.2f s snapshot interval%s, growing with the keys")
         values = (found.keys, found.partitions, found.seconds * 1000, share * 100,
-                  self.snapshot_interval_s)
-        if share > WARN_SHARE and share >= 2 * self.warned_share:
-            log.warning(message + ": raise CRMSCORE_SNAPSHOT_INTERVAL to %.1f s or more, or "
-                        "run more processes (flows/recovery_scan.py)",
-                        *values, found.interval_for(WARN_SHARE))
+                  self.snapshot_interval_s, lengthened)
+        if share > self.share and share >= 2 * self.warned_share:
+            log.warning(message + ": restart the flow to lengthen its interval (chosen at "
+                        "start, CRMSCORE_SNAPSHOT_SCAN_SHARE), set CRMSCORE_SNAPSHOT_INTERVAL "
+                        "to %.1f s or more, or run more processes (flows/recovery_scan.py)",
+                        *values, found.interval_for(self.share))
             self.warned_share = share
         elif self.checks == 0:
             log.info(message, *values)
         self.checks += 1
-        return found
 
     def start(self, every_s: float = 900.0) -> threading.Thread:
-        """Check now, then every ``every_s`` in a daemon thread that waits for the child
-        process scanning (so the flow's thread keeps running). A scan that fails is said
-        and does not stop the flow: bytewax reads its store on its own."""
-
-        def check() -> None:
-            try:
-                self.check()
-            except (ScanFailed, subprocess.TimeoutExpired, OSError) as exc:
-                log.warning("could not scan the recovery store %s: %s", self.recovery_dir, exc)
+        """Check every ``every_s`` in a daemon thread that waits for the child process
+        scanning (so the flow's thread keeps running)."""
 
         def watch() -> None:
             while not self.stopped.wait(every_s):
-                check()
+                self.check()
 
-        check()
         thread = threading.Thread(target=watch, name="recovery-scan", daemon=True)
         thread.start()
         return thread

@@ -1,10 +1,13 @@
 """The freshness bench's history, with customers held beside it (bench/freshness.py)."""
 
+import logging
 from datetime import UTC, datetime, timedelta
 
 import orjson
+from bytewax.recovery import init_db_dir
 
-from bench.freshness import history
+from bench.freshness import history, ran_epochs_s
+from flows.recovery_scan import ScanWatch
 
 
 def test_held_customers_come_after_the_history_and_end_with_it(tmp_path):
@@ -19,3 +22,14 @@ def test_held_customers_come_after_the_history_and_end_with_it(tmp_path):
     for event in held:
         at = datetime.fromisoformat(event["occurred_at"])
         assert a_day_ago - timedelta(days=61) < at <= a_day_ago
+
+
+def test_the_interval_a_flow_ran_at_is_read_from_its_log(tmp_path, caplog):
+    """The bench reads the interval from the message the flow logs at start: they must
+    agree (flows/recovery_scan.py)."""
+    init_db_dir(tmp_path, 1)  # an empty store: nothing to scan, no lengthening
+    with caplog.at_level(logging.INFO, logger="flows.recovery_scan"):
+        chosen = ScanWatch(tmp_path, 0.75).choose_interval()
+    assert chosen == 0.75
+    assert ran_epochs_s(caplog.text) == 0.75
+    assert ran_epochs_s("flow starting") is None

@@ -75,12 +75,14 @@ def test_watch_warns_when_the_scan_eats_the_interval_and_again_when_it_doubles(
         calm.check()
         calm.check()  # said once, at start
         first = tight.check()
+        assert first is not None
         tight.warned_share = first.share_of(1e-9) * 1e6  # as if it had warned far higher
         tight.check()  # not twice the last warning: quiet
     told, warned = caplog.records
     assert told.levelno == logging.INFO and "state keys" in told.getMessage()
     assert warned.levelno == logging.WARNING
-    assert "raise CRMSCORE_SNAPSHOT_INTERVAL" in warned.getMessage()
+    assert "restart the flow" in warned.getMessage()
+    assert "set CRMSCORE_SNAPSHOT_INTERVAL" in warned.getMessage()
 
 
 def test_watch_checks_again_while_the_flow_runs(tmp_path: Path) -> None:
@@ -101,9 +103,39 @@ def test_a_failed_scan_does_not_stop_the_flow(
     (tmp_path / "part-0.sqlite3").write_bytes(b"not a database" * 100)
     watch = ScanWatch(tmp_path, snapshot_interval_s=0.25)
     with caplog.at_level(logging.WARNING, logger="flows.recovery_scan"):
-        watch.start(every_s=3600).join(0)
+        assert watch.choose_interval() == 0.25  # as set
+        thread = watch.start(every_s=0.01)
+        deadline = time.monotonic() + 10
+        while caplog.text.count("could not scan") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
     watch.stopped.set()
-    assert "could not scan the recovery store" in caplog.text
+    thread.join(5)
+    assert caplog.text.count("could not scan the recovery store") >= 2
+    assert not thread.is_alive()
+
+
+def test_the_interval_is_lengthened_for_the_scan_never_shortened(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _count_keys(tmp_path, 2_000)
+    took = scan(tmp_path).seconds
+    short = took / 100  # an interval the scan would take 100 times over
+    with caplog.at_level(logging.INFO, logger="flows.recovery_scan"):
+        chosen = ScanWatch(tmp_path, short, share=0.5).choose_interval()
+    # timed again in the child process: the same scan, within a busy machine's jitter
+    assert took / 0.5 / 10 < chosen < took / 0.5 * 10
+    assert f"lengthened from CRMSCORE_SNAPSHOT_INTERVAL={short:g} s" in caplog.text
+    assert "raise" not in caplog.text and "restart the flow" not in caplog.text  # now fits
+    assert ScanWatch(tmp_path, short).choose_interval(lengthen=False) == short
+    assert ScanWatch(tmp_path, 1e9).choose_interval() == 1e9
+
+
+def test_a_worker_pays_the_scan_of_its_own_partitions() -> None:
+    found = RecoveryScan(partitions=4, keys=4_000, superseded=40, seconds=0.4)
+    assert found.per_worker(1) == found
+    assert found.per_worker(2) == RecoveryScan(2, 2_000, 20, 0.2)
+    assert found.per_worker(4).seconds == pytest.approx(0.1)
+    assert found.per_worker(8).seconds == pytest.approx(0.1)  # a partition is not shared
+    assert RecoveryScan(1, 100, 0, 0.1).per_worker(2).seconds == 0.1
 
 
 def test_the_watch_scans_a_live_store_apart_and_leaves_it_whole(tmp_path: Path) -> None:
@@ -132,9 +164,14 @@ def test_the_watch_scans_a_live_store_apart_and_leaves_it_whole(tmp_path: Path) 
             time.sleep(0.01)
         while running.is_set():
             try:
-                found.append(watch.check())
+                checked = watch.check()
             except BaseException as exc:  # noqa: BLE001 - reported by the test below
                 failed.append(exc)
+            else:
+                if checked is None:  # the scan failed (said in the log)
+                    failed.append(RuntimeError("scan failed"))
+                else:
+                    found.append(checked)
 
     scanner = threading.Thread(target=scans)
     scanner.start()
