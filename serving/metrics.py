@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from crmscore.v1.scoring_pb2 import PipelineStatus
@@ -53,6 +56,32 @@ FLOW_STREAM_CLOCK = Gauge(
     "crmscore_flow_stream_clock_seconds",
     "The flow's event-time stream clock, in Unix seconds (NaN before the first event)",
 )
+
+
+class _FlowEvents(Collector):
+    """The flow's event counts, as of its newest status sampled: counters the flow keeps
+    (in its recovery snapshots, so they resume after a restart) and this server reports.
+    A collector, because a prometheus_client Counter only counts what its own process
+    adds."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "crmscore_flow_events",
+            "Transaction events the scoring flow has handled, by outcome: consumed (read "
+            "from the topic), applied (distinct valid events), rejected (sent to the "
+            "dead-letter topic), duplicate (repeats ignored); from its pipeline status",
+            labels=["outcome"])
+        for outcome, count in self.counts.items():
+            family.add_metric([outcome], count)
+        yield family
+
+
+FLOW_EVENTS = _FlowEvents()
+REGISTRY.register(FLOW_EVENTS)
+
 _status_written_at = math.nan  # Unix seconds of the newest status sampled
 _lag_partitions: set[str] = set()  # the partitions FLOW_INPUT_LAG has a gauge for
 FLOW_STATUS_AGE.set_function(lambda: time.time() - _status_written_at)
@@ -64,11 +93,15 @@ def observe_pipeline_status(status: PipelineStatus | None) -> None:
     global _status_written_at
     if status is None:
         _status_written_at = math.nan
+        FLOW_EVENTS.counts = {}
         FLOW_STREAM_CLOCK.set(math.nan)
         FLOW_INPUT_LAG.clear()
         _lag_partitions.clear()
         return
     _status_written_at = status.updated_at.ToMicroseconds() / 1e6
+    FLOW_EVENTS.counts = {"consumed": status.events_consumed, "applied": status.events_applied,
+                          "rejected": status.events_rejected,
+                          "duplicate": status.events_duplicate}
     FLOW_STREAM_CLOCK.set(status.stream_clock.ToMicroseconds() / 1e6
                           if status.HasField("stream_clock") else math.nan)
     lags = {str(p): lag.ToMicroseconds() / 1e6 for p, lag in status.partition_lags.items()}

@@ -130,12 +130,13 @@ def test_serve_runs_until_sigterm_with_health_and_metrics(redis_url, conn) -> No
         assert 'crmscore_grpc_request_seconds_count{code="OK",method="GetScore"} 1.0' in metrics
         assert "crmscore_redis_up 1.0" in metrics
         assert "crmscore_flow_status_age_seconds NaN" in metrics  # no flow has run
+        assert "crmscore_flow_events_total{" not in metrics
         # The flow's status, 30 s old, with partition 2 behind: the health checker's next
         # sample (every second) puts it in the flow gauges.
         written = time.time() - 30
         conn.hset(RedisLayout(prefix).status(), mapping={"v": 1, "doc": orjson.dumps({
-            "events_consumed": 3, "events_applied": 3, "events_rejected": 0,
-            "events_duplicate": 0, "stream_clock": "2026-01-02T03:04:05.000000Z",
+            "events_consumed": 7, "events_applied": 4, "events_rejected": 2,
+            "events_duplicate": 1, "stream_clock": "2026-01-02T03:04:05.000000Z",
             "updated_at": format_time(round(written * 1e6)), "input_lag_seconds": 4.5,
             "partition_lag_seconds": {"0": 0.0, "2": 4.5}})})
         wait_for(lambda: 'crmscore_flow_input_lag_seconds{partition="2"} 4.5'
@@ -145,13 +146,20 @@ def test_serve_runs_until_sigterm_with_health_and_metrics(redis_url, conn) -> No
         assert "crmscore_flow_stream_clock_seconds 1.767323045e+09" in metrics
         (age,) = re.findall(r"^crmscore_flow_status_age_seconds (\S+)$", metrics, re.M)
         assert 30 <= float(age) < 60
+        events = dict(re.findall(r'^crmscore_flow_events_total\{outcome="(\w+)"\} (\S+)$',
+                                 metrics, re.M))
+        assert events == {"consumed": "7.0", "applied": "4.0", "rejected": "2.0",
+                          "duplicate": "1.0"}
         # A flow restarted on fewer partitions: the gauge of partition 2 goes.
         conn.hset(RedisLayout(prefix).status(), mapping={"v": 2, "doc": orjson.dumps({
             "events_consumed": 3, "updated_at": format_time(round(time.time() * 1e6)),
             "partition_lag_seconds": {"0": 0.0}})})
         wait_for(lambda: 'partition="2"' not in scrape(metrics_port), timeout=10,
                  what="partition 2's gauge to go")
-        assert "crmscore_flow_stream_clock_seconds NaN" in scrape(metrics_port)
+        metrics = scrape(metrics_port)
+        assert "crmscore_flow_stream_clock_seconds NaN" in metrics
+        assert 'crmscore_flow_events_total{outcome="consumed"} 3.0' in metrics
+        assert 'crmscore_flow_events_total{outcome="applied"} 0.0' in metrics  # not said
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
