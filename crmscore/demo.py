@@ -145,7 +145,8 @@ class Demo:
             redis_cluster=self.settings.redis_cluster and self.external_redis,
             grpc_address=self._grpc_address(),
             recovery_dir=str(self.workdir / "recovery"),
-            metrics_port=self._metrics_port(),
+            metrics_port=self._free_or(self.settings.metrics_port),
+            flow_metrics_port=self._free_or(self.settings.flow_metrics_port),
             auth="off",  # demo only: the API answers without a key
         )
         s = self.settings
@@ -202,8 +203,9 @@ class Demo:
             return f"{host}:{port}"
         return f"{host}:{free_port()}"
 
-    def _metrics_port(self) -> int:
-        port = self.settings.metrics_port
+    @staticmethod
+    def _free_or(port: int) -> int:
+        """``port``, or a free one when it is taken (0 stays off)."""
         return port if port == 0 or not port_open("127.0.0.1", port) else free_port()
 
     def _generate(self) -> Path:
@@ -431,6 +433,7 @@ def child_env(settings: Settings) -> dict[str, str]:
         "CRMSCORE_RECOVERY_DIR": settings.recovery_dir,
         "CRMSCORE_TOPIC_PARTITIONS": str(settings.topic_partitions),
         "CRMSCORE_METRICS_PORT": str(settings.metrics_port),
+        "CRMSCORE_FLOW_METRICS_PORT": str(settings.flow_metrics_port),
         "CRMSCORE_AUTH": settings.auth,
         # Plaintext on localhost, whatever the user's shell has configured.
         **{f"CRMSCORE_{name}": "" for name in PLAINTEXT},
@@ -487,15 +490,15 @@ def print_banner(
     request = shlex.quote(json.dumps({"customer_id": customer_id}))
     redis_note = "yours, keys under " + repr(settings.redis_prefix) if external_redis else "private"
     rule = "=" * 78
-    port = settings.metrics_port
-    metrics = f"http://127.0.0.1:{port}/metrics" if port else "off"
+    metrics = ", flow ".join(f"http://127.0.0.1:{port}/metrics" if port else "off"
+                             for port in (settings.metrics_port, settings.flow_metrics_port))
     say(f"""
 {rule}
  crmscore demo is running
    Kafka broker  {settings.kafka_bootstrap}  (tansu, in memory)  topic {settings.transactions_topic}
    Redis         {settings.redacted()['redis_url']}  ({redis_note})
    gRPC API      {grpc}  (no API key needed: CRMSCORE_AUTH=off)
-   metrics       {metrics}
+   metrics       server {metrics}
    traffic       {feeder.total:,} events of {len(feeder.customers):,} customers at \
 {feeder.rate:g}/s, then {feeder.trickle_rate:g} live purchases/s
    logs          {workdir}

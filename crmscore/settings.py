@@ -117,6 +117,10 @@ class Settings:
         60.0, "seconds between the flow's malloc_trim calls, which give the heap it freed "
         "back to the operating system (0: off)", at_least=0
     )
+    flow_metrics_port: int = _setting(
+        9465, "Prometheus metrics HTTP port of the flow (bytewax's Dataflow API, /metrics); "
+        "process i of a cluster listens on this port + i (0: off)", at_least=0, at_most=65535
+    )
     lateness_days: float = _setting(
         7.0, "event-time lateness window: duplicates are detected within it; "
         "events later than this behind their customer's newest event are rejected", at_least=0

@@ -17,6 +17,7 @@ import orjson
 from bytewax.operators import StatefulBatchLogic
 
 from crmscore.layout import RedisLayout
+from flows.metrics import ALERTS_PUBLISHED
 from flows.redis_sink import PublishThrottle, VersionedDoc
 from models.alert_rules import LIVE
 from models.alerts import Alert
@@ -31,6 +32,7 @@ def is_published(alert: Alert) -> bool:
 
 def alert_message(alert: Alert) -> tuple[bytes, bytes]:
     """Kafka key (customer id) and value (schemas/alert.v1.json)."""
+    ALERTS_PUBLISHED.labels(alert.kind).inc()
     return alert.customer_id.encode(), orjson.dumps(alert.to_json())
 
 

@@ -27,6 +27,8 @@ from crmscore.doc_codec import DocumentError
 from crmscore.settings import Settings
 from flows.heap_trim import HeapTrimmer
 from flows.kafka_source import ProcessShare
+from flows.metrics import SNAPSHOT_INTERVAL
+from flows.metrics import serve as serve_metrics
 from flows.model_registry import ModelRegistryError, restore_frozen_bundle
 from flows.recovery_scan import WARN_SHARE, ScanWatch
 from flows.scoring import build_flow
@@ -43,8 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser, "kafka_bootstrap", "redis_url", "redis_prefix", "redis_cluster",
         "transactions_topic", "dlq_topic", "alerts_topic", "timers_topic", "topic_partitions",
         "recovery_dir", "recovery_partitions", "snapshot_interval", "snapshot_scan_share",
-        "backup_interval", "lateness_days", "max_future_seconds", "churn_horizon_days",
-        "clv_horizon_days", "alert_rules", "churn_models",
+        "backup_interval", "flow_metrics_port", "lateness_days", "max_future_seconds",
+        "churn_horizon_days", "clv_horizon_days", "alert_rules", "churn_models",
     )
     parser.add_argument("--until-end", action="store_true",
                         help="stop at the end of the topic instead of waiting for new events")
@@ -125,6 +127,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                           workers=share.processes * args.workers_per_process)
         epoch_s = watch.choose_interval(lengthen=settings.snapshot_scan_share > 0)
         watch.start()
+    SNAPSHOT_INTERVAL.set(epoch_s)
+    serve_metrics(settings.flow_metrics_port, share.index, Path(settings.recovery_dir).parent)
     if settings.heap_trim_seconds:
         HeapTrimmer(settings.heap_trim_seconds).start()
     log.info("flow starting: %s", settings.redacted())

@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from flows.metrics import RECOVERY_KEYS, RECOVERY_SCAN
+
 log = logging.getLogger(__name__)
 
 WARN_SHARE = 0.1  # of the snapshot interval spent scanning: worth a warning
@@ -160,6 +162,8 @@ class ScanWatch:
 
     def report(self, found: RecoveryScan) -> None:
         """Say what the scan costs the first time, warn when it takes too much."""
+        RECOVERY_SCAN.set(found.seconds)
+        RECOVERY_KEYS.set(found.keys)
         share = found.share_of(self.snapshot_interval_s)
         lengthened = (f" (lengthened from CRMSCORE_SNAPSHOT_INTERVAL={self.set_interval_s:g} "
                       f"s for CRMSCORE_SNAPSHOT_SCAN_SHARE={self.share:g})"

@@ -62,6 +62,7 @@ from flows.kafka_source import (
     kafka_input,
 )
 from flows.live_customers import LiveCustomers
+from flows.metrics import DEAD_LETTERS
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
@@ -168,6 +169,7 @@ MAX_LETTER_KEY_BYTES = 1024
 
 
 def to_dead_letter(refused: Refused) -> tuple[bytes | None, bytes]:
+    DEAD_LETTERS.labels(refused.rejection.code).inc()
     m = refused.msg
     key = None if m.key is None else m.key[:MAX_LETTER_KEY_BYTES]
     return key, dead_letter(refused.rejection, m.topic or "", m.partition or 0,

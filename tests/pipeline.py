@@ -64,6 +64,7 @@ class FlowEnv:
             "CRMSCORE_REDIS_PREFIX": self.layout.prefix,
             "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
             "CRMSCORE_SNAPSHOT_INTERVAL": "0.25",
+            "CRMSCORE_FLOW_METRICS_PORT": "0",  # flows of a test may run side by side
             # Tests wait for the documents to settle: a change of the served model rescores
             # at once, not at the default 100 customers a second.
             "CRMSCORE_RESCORE_RATE": "0",

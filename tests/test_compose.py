@@ -144,6 +144,11 @@ def test_flow_keeps_recovery_on_a_named_volume(services: dict[str, str]) -> None
     assert set(compose("config", "--volumes").split()) >= {name for name, _ in mounts}
 
 
+def test_flow_publishes_its_metrics(services: dict[str, str]) -> None:
+    metrics = environment(services["flow"])["CRMSCORE_FLOW_METRICS_PORT"]
+    assert re.search(rf"published: {metrics}\n\s+target: {metrics}", services["flow"])
+
+
 def test_server_publishes_grpc_and_checks_health(services: dict[str, str]) -> None:
     serve = services["serve"]
     assert environment(serve)["CRMSCORE_GRPC_ADDRESS"] == "0.0.0.0:50051"
