@@ -121,7 +121,6 @@ class Pipeline:
             "CRMSCORE_REDIS_PREFIX": self.layout.prefix,
             "CRMSCORE_RECOVERY_DIR": str(self.recovery_dir),
             "CRMSCORE_TOPIC_PARTITIONS": str(PARTITIONS),
-            "CRMSCORE_FLOW_METRICS_PORT": "0",
             **extra,
         }
 
