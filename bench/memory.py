@@ -161,7 +161,7 @@ def redis_at_scale(pipeline: Pipeline, customers: int) -> RedisAtScale:
     url = pipeline.stack.redis_url.rsplit("/", 1)[0] + f"/{SCALE_DB}"
     settings = replace(pipeline.settings(), redis_url=url, redis_prefix="scale:")
     scale_layout = RedisLayout(settings.redis_prefix)
-    sink = RedisDocSink(settings).build("scale", 0, 1)
+    sink = RedisDocSink(settings).build_part("scale", "0", None)
     with contextlib.closing(redis.Redis.from_url(url)) as conn:
         conn.flushdb()
         claim_store(conn, scale_layout)
@@ -178,6 +178,9 @@ def redis_at_scale(pipeline: Pipeline, customers: int) -> RedisAtScale:
             started = time.monotonic()
             sink.write_batch(batch)
             seconds += time.monotonic() - started
+        started = time.monotonic()
+        sink.snapshot()  # the last batch confirmed, as at the end of an epoch
+        seconds += time.monotonic() - started
         growth = int(conn.info("memory")["used_memory"]) - before
         sampled = [scale_layout.score(f"s-{n:07d}")
                    for n in range(0, customers, max(customers // SAMPLE_KEYS, 1))]

@@ -8,55 +8,31 @@ Kafka refuses one, the flow stops and, on restart, replays from its last commit
 (at-least-once: consumers see a crash's repeats and drop them by their ids). Waiting per
 batch instead held the whole worker for a broker round trip in every batch that wrote.
 
-The flow writes dead letters, alerts and its own event-time wake-ups with it. Each
-process of a cluster writes what it emits itself: its items go to a sink partition that
-only it lists (:class:`flows.kafka_source.ProcessShare`), so they never cross to another
-process (when the sink had a single partition, every alert and wake-up of the other
-process crossed: 38,588 items in a 71,000-event replay). The producer picks the Kafka
-partition by the message key, as before; a customer's alerts all come from the process
-that holds the customer.
+The flow writes dead letters, alerts and its own event-time wake-ups with it, each process
+through a partition of its own (flows/own_sink.py). The producer picks the Kafka partition
+by the message key; a customer's alerts all come from the process that holds the customer.
 """
 
 from __future__ import annotations
 
-import bytewax.operators as op
-from bytewax.dataflow import Stream
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from bytewax.outputs import StatefulSinkPartition
 from confluent_kafka import KafkaError, Message, Producer
 
 from crmscore.clients import producer
 from crmscore.settings import Settings
 from flows.kafka_source import SINGLE_PROCESS, ProcessShare
+from flows.own_sink import OwnPartitionSink
 
 KeyValue = tuple[bytes | None, bytes]
 FLUSH_TIMEOUT_S = 60.0
-# Sink partitions "0".."63", partition i listed by process i % processes. bytewax stops a
-# flow whose recovery store holds a partition no process lists, so the set stays the
-# same whatever the process count (a cluster of more processes lists one each).
-SINK_PARTS = 64
 
 
-def kafka_output(step_id: str, stream: Stream[KeyValue], sink: KafkaTopicSink) -> None:
-    """Write ``stream`` to ``sink`` (a partitioned sink takes ``(routing key, item)``)."""
-    part = sink.own_part
-    op.output(step_id, op.map(f"{step_id}_route", stream, lambda kv: (part, kv)), sink)
-
-
-class KafkaTopicSink(FixedPartitionedSink[KeyValue, None]):
+class KafkaTopicSink(OwnPartitionSink[KeyValue]):
     def __init__(self, settings: Settings, topic: str,
                  share: ProcessShare = SINGLE_PROCESS) -> None:
+        super().__init__(share)
         self._settings = settings
         self._topic = topic
-        self._share = share
-
-    @property
-    def own_part(self) -> str:
-        """The partition this process writes through: its index."""
-        return str(self._share.index)
-
-    def list_parts(self) -> list[str]:
-        parts = max(SINK_PARTS, self._share.processes)
-        return [str(i) for i in range(parts) if i % self._share.processes == self._share.index]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _TopicPartition:
         return _TopicPartition(self._settings, self._topic)
@@ -64,7 +40,7 @@ class KafkaTopicSink(FixedPartitionedSink[KeyValue, None]):
 
 class _TopicPartition(StatefulSinkPartition[KeyValue, None]):
     """One sink partition; its producer is made by the first write (most partitions of a
-    process are never written: see SINK_PARTS)."""
+    process are never written: see flows/own_sink.py SINK_PARTS)."""
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self._settings = settings

@@ -53,7 +53,7 @@ from flows.alerting import AlertReportLogic, alert_message, is_published
 from flows.batching import Unbatched, to_one_key
 from flows.clock import UNPARTITIONED, ClockLogic, Counts, sum_counts
 from flows.dead_letters import dead_letter
-from flows.kafka_sink import KafkaTopicSink, kafka_output
+from flows.kafka_sink import KafkaTopicSink
 from flows.kafka_source import (
     SINGLE_PROCESS,
     Message,
@@ -64,6 +64,7 @@ from flows.kafka_source import (
 from flows.live_customers import LiveCustomers
 from flows.metrics import DEAD_LETTERS
 from flows.model_registry import BundleCache, bundle_doc, shared_cache
+from flows.own_sink import output_here
 from flows.redis_sink import OnLost, PublishThrottle, RedisDocSink, VersionedDoc
 from flows.store_marker import claim_store, raise_store_lost
 from flows.timers import (
@@ -490,7 +491,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # learning: LabeledExample | PopulationRow; counts: Counts (the models step's clock)
 
     live = op.filter("live_alerts", alerts, is_published)
-    kafka_output("alerts_out", op.map("alert_message", live, alert_message),
+    output_here("alerts_out", op.map("alert_message", live, alert_message),
                  KafkaTopicSink(settings, settings.alerts_topic, share))
     alert_report = op.stateful_batch(
         "alert_report",
@@ -500,7 +501,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
 
     refused_early = op.merge("refused_early", refused_or_not.trues, broken)
     refused = op.merge("all_refused", refused_early, refused_late)
-    kafka_output("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
+    output_here("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
                  KafkaTopicSink(settings, settings.dlq_topic, share))
 
     # Customers count what they refuse; count the transactions refused before them here
@@ -538,10 +539,10 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     # to_buckets: (bucket, Registration | Tick | RescoreAll)
     fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
     wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
-    kafka_output("wake_ups", op.map("encode_wake", wakes, encode_wake),
+    output_here("wake_ups", op.map("encode_wake", wakes, encode_wake),
                  KafkaTopicSink(settings, timers_topic, share))
 
     docs = op.merge("all_docs", scores, status, model_docs,
                     op.key_rm("drop_alert_report_key", alert_report))
-    op.output("redis", docs, RedisDocSink(settings, on_lost))
+    output_here("redis", docs, RedisDocSink(settings, on_lost, share))
     return flow

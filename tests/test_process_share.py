@@ -1,16 +1,20 @@
 """Which process of a cluster reads which Kafka partitions and writes through which sink
-partition (flows/kafka_source.py ProcessShare, flows/kafka_sink.py), and the batching of
+partition (flows/kafka_source.py ProcessShare, flows/own_sink.py), and the batching of
 items bound for one key (flows/batching.py)."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from bytewax.operators import StatefulBatchLogic
 
 from crmscore.settings import Settings
 from flows.batching import Unbatched, group_by_key
-from flows.kafka_sink import SINK_PARTS, KafkaTopicSink
+from flows.kafka_sink import KafkaTopicSink
 from flows.kafka_source import ProcessShare
+from flows.own_sink import SINK_PARTS, OwnPartitionSink
+from flows.redis_sink import RedisDocSink
 
 
 @pytest.mark.parametrize("processes", [1, 2, 3, 4])
@@ -31,11 +35,14 @@ def test_a_process_outside_the_cluster_is_refused() -> None:
 
 
 @pytest.mark.parametrize("processes", [1, 2, 3, 65])
+@pytest.mark.parametrize("kind", ["kafka", "redis"])
 def test_sink_partitions_are_listed_by_one_process_each_and_the_set_never_shrinks(
-        processes: int) -> None:
+        processes: int, kind: str) -> None:
     settings = Settings.from_env({})
-    sinks = [KafkaTopicSink(settings, "alerts", ProcessShare(i, processes))
-             for i in range(processes)]
+    sinks: list[OwnPartitionSink[Any]] = [
+        KafkaTopicSink(settings, "alerts", ProcessShare(i, processes)) if kind == "kafka"
+        else RedisDocSink(settings, share=ProcessShare(i, processes))
+        for i in range(processes)]
     listed = [part for sink in sinks for part in sink.list_parts()]
     assert sorted(listed, key=int) == [str(i) for i in range(max(SINK_PARTS, processes))]
     # A process writes through a partition that it alone lists: its items stay with it.

@@ -187,7 +187,7 @@ def test_sink_never_goes_back_across_slots_and_reloads_its_script(cluster, conn,
     layout = RedisLayout(settings.redis_prefix)
     claim_store(conn, layout)
     lost: list[str] = []
-    sink = RedisDocSink(settings, on_lost=lost.append).build("redis", 0, 1)
+    sink = RedisDocSink(settings, on_lost=lost.append).build_part("redis", "0", None)
     nodes = {node.name: conn.get_redis_connection(node) for node in conn.get_primaries()}
     for node in nodes.values():
         node.script_flush()  # fresh nodes: every script call starts with NOSCRIPT
