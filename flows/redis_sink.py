@@ -11,12 +11,12 @@ write also checks the flow's marker key: when Redis comes back without it, it lo
 data, and ``on_lost`` is called (flows/store_marker.py).
 
 On a Redis Cluster (``CRMSCORE_REDIS_CLUSTER=on``) a script may only touch keys of one
-hash slot, so the documents are grouped by slot: one script call per group, all sent in
-one cluster pipeline (one round trip per node). PUBLISH from a script reaches
-subscribers on every node (classic pub/sub is broadcast over the cluster bus).
+hash slot, so the documents are grouped by slot: one script call per group, sent to the
+node that owns the slot. PUBLISH from a script reaches subscribers on every node
+(classic pub/sub is broadcast over the cluster bus).
 
-On a single Redis the sink does not wait for each batch: it waits at the end of each
-epoch, before bytewax commits it (flows/own_sink.py, ``_RedisDocPartition``).
+The sink does not wait for each batch: it waits at the end of each epoch, before
+bytewax commits it (flows/own_sink.py, ``_PipelinedPartition``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,11 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import redis
 from bytewax.outputs import StatefulSinkPartition
+from redis.connection import Connection
 from redis.crc import key_slot
 
 from crmscore.clients import RedisClient, redis_client
@@ -131,30 +132,34 @@ class _DocPartition(StatefulSinkPartition[VersionedDoc, None]):
         self._client.close()
 
 
+Command = tuple[Any, ...]
+
+
 class _Sent(NamedTuple):
     docs: list[VersionedDoc]
-    replies: int  # how many replies Redis owes for them
+    # The replies Redis owes for them, by connection, in order; the first reply on the
+    # first connection answers the marker check.
+    owed: list[tuple[Connection, int]]
 
 
-class _RedisDocPartition(_DocPartition):
-    """Writes to a single Redis without waiting for it: a batch's script calls are sent,
-    and their replies read at the next batch or at the end of the epoch (``snapshot``),
-    whichever comes first. So the flow works on the next batch while Redis writes this
-    one, and bytewax commits an epoch only once Redis confirmed every document of it.
-    Waiting for each batch held the flow's thread for the round trip and Redis's work:
-    90-103 ms of each second at 1,000 events/s, 22-29 ms now (bytewax's
+class _PipelinedPartition(_DocPartition):
+    """Writes without waiting for Redis: a batch's script calls are sent, and their
+    replies read at the next batch or at the end of the epoch (``snapshot``), whichever
+    comes first. So the flow works on the next batch while Redis writes this one, and
+    bytewax commits an epoch only once Redis confirmed every document of it. Waiting
+    for each batch held the flow's thread for the round trip and Redis's work: 90-103
+    ms of each second at 1,000 events/s on a single Redis, 22-29 ms now (bytewax's
     ``out_part_write_batch_duration_seconds``; the epochs' confirmations 0.2 ms).
 
-    A batch whose replies are not all confirmed (Redis went away, or restarted and lost
-    the script) is written again, and waited for: each write is a compare-and-set, so a
-    redo is harmless."""
+    A batch whose replies are not all confirmed (Redis went away, restarted and lost the
+    script, or moved a slot) is written again by ``_write``, and waited for: each write
+    is a compare-and-set, so a redo is harmless."""
 
-    def __init__(self, client: redis.Redis, marker: str, on_lost: OnLost) -> None:
+    # Errors of a batch in flight that writing it again, and waiting, sets right.
+    redone: tuple[type[Exception], ...] = (redis.exceptions.NoScriptError,)
+
+    def __init__(self, client: RedisClient, marker: str, on_lost: OnLost) -> None:
         super().__init__(client, marker, on_lost)
-        # This partition's alone, so the replies owed come back on it in order. It
-        # connects at the first write (and again after an error).
-        pool = client.connection_pool
-        self._conn = pool.connection_class(**pool.connection_kwargs)
         self._sent: _Sent | None = None
 
     def write_batch(self, items: list[VersionedDoc]) -> None:
@@ -162,7 +167,7 @@ class _RedisDocPartition(_DocPartition):
         self.snapshot()  # one batch in flight at most
         try:
             self._sent = self._send(docs)
-        except self.retryable as exc:
+        except (redis.RedisError, redis.RedisClusterException) as exc:  # _write sees to it
             log.warning("Redis write of %d documents failed (%s); retrying", len(docs), exc)
             self._write_until_done(docs)
 
@@ -173,12 +178,73 @@ class _RedisDocPartition(_DocPartition):
             return
         try:
             self._confirm(sent)
-        except redis.exceptions.NoScriptError:  # a new or restarted Redis: _write loads it
+        except self.redone:  # a new or restarted Redis, a slot moved: _write sees to it
             self._write_until_done(sent.docs)
         except self.retryable as exc:
             log.warning("Redis write of %d documents failed (%s); retrying",
                         len(sent.docs), exc)
             self._write_until_done(sent.docs)
+
+    def _plan(self, docs: list[VersionedDoc]) -> list[tuple[Connection, list[Command]]]:
+        """The commands to send for ``docs``, by connection, the marker check first."""
+        raise NotImplementedError
+
+    def _send(self, docs: list[VersionedDoc]) -> _Sent:
+        """Send the marker check and the script calls, by SHA (redis-py's Script objects
+        would ask SCRIPT EXISTS first, a second round trip per batch)."""
+        owed = []
+        try:
+            for conn, commands in self._plan(docs):
+                conn.send_packed_command(conn.pack_commands(commands))
+                owed.append((conn, len(commands)))
+        except BaseException:
+            self._drop_connections(owed)
+            raise
+        return _Sent(docs, owed)
+
+    def _confirm(self, sent: _Sent) -> None:
+        """Read every reply owed for ``sent``; an error reply among them is raised once
+        all are read, so every connection stays in step."""
+        replies: list[Any] = []
+        try:
+            for conn, count in sent.owed:
+                for _ in range(count):
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:
+                        replies.append(exc)
+        except BaseException:
+            self._drop_connections(sent.owed)
+            raise
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        if not replies[0]:  # the marker is gone
+            self._on_lost(self._marker)
+
+    def _drop_connections(self, owed: list[tuple[Connection, int]]) -> None:
+        """Disconnect after a failure: replies may still be owed on any of them (each
+        connects again at its next command)."""
+        for conn, _ in owed:
+            conn.disconnect()
+
+    def close(self) -> None:
+        self.snapshot()
+        super().close()
+
+
+class _RedisDocPartition(_PipelinedPartition):
+    """Writes to a single Redis."""
+
+    def __init__(self, client: redis.Redis, marker: str, on_lost: OnLost) -> None:
+        super().__init__(client, marker, on_lost)
+        self._conn = own_connection(client)
+
+    def _plan(self, docs: list[VersionedDoc]) -> list[tuple[Connection, list[Command]]]:
+        commands: list[Command] = [("EXISTS", self._marker)]
+        commands += [script_call(self._sha, docs[start : start + _CHUNK])
+                     for start in range(0, len(docs), _CHUNK)]
+        return [(self._conn, commands)]
 
     def _write(self, docs: list[VersionedDoc]) -> None:
         try:
@@ -187,46 +253,49 @@ class _RedisDocPartition(_DocPartition):
             self._client.script_load(WRITE_IF_NEWER)
             self._confirm(self._send(docs))
 
-    def _send(self, docs: list[VersionedDoc]) -> _Sent:
-        """Send the marker check and the script calls, by SHA (redis-py's Script objects
-        would ask SCRIPT EXISTS first, a second round trip per batch)."""
-        commands: list[tuple[Any, ...]] = [("EXISTS", self._marker)]
-        commands += [script_call(self._sha, docs[start : start + _CHUNK])
-                     for start in range(0, len(docs), _CHUNK)]
-        self._conn.send_packed_command(self._conn.pack_commands(commands))
-        return _Sent(docs, len(commands))
-
-    def _confirm(self, sent: _Sent) -> None:
-        """Read every reply owed for ``sent`` (an error reply among them is raised once
-        all are read: the connection stays in step)."""
-        replies: list[Any] = []
-        for _ in range(sent.replies):
-            try:
-                replies.append(self._conn.read_response())
-            except redis.ResponseError as exc:
-                replies.append(exc)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
-        if not replies[0]:  # the marker is gone
-            self._on_lost(self._marker)
-
     def close(self) -> None:
-        self.snapshot()
-        self._conn.disconnect()
         super().close()
+        self._conn.disconnect()
 
 
-class _ClusterDocPartition(_DocPartition):
-    """Writes to a Redis Cluster, one script call per hash slot group, waiting for each
-    batch (a cluster pipeline reads its replies node by node)."""
+class _ClusterDocPartition(_PipelinedPartition):
+    """Writes to a Redis Cluster: one script call per hash slot group, sent to the node
+    owning the slot on a connection of the partition's own. A batch in flight that a
+    node refused (it lost the script, or the slot moved) is written again through a
+    cluster pipeline, which follows the cluster's redirections."""
 
     # Also a failover or a slot move in progress: the client refreshes its slot map.
     retryable = (*_RETRYABLE, redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)
+    redone = (redis.exceptions.NoScriptError, redis.exceptions.MovedError,
+              redis.exceptions.AskError)
 
     def __init__(self, client: redis.RedisCluster, marker: str, on_lost: OnLost) -> None:
         super().__init__(client, marker, on_lost)
         self._cluster = client
+        self._conns: dict[str, Connection] = {}  # by node name
+
+    def _plan(self, docs: list[VersionedDoc]) -> list[tuple[Connection, list[Command]]]:
+        by_node: dict[str, list[Command]] = {self._node(key_slot(self._marker.encode())).name:
+                                             [("EXISTS", self._marker)]}
+        for slot, group in slot_groups(docs):
+            by_node.setdefault(self._node(slot).name, []).append(script_call(self._sha, group))
+        return [(self._node_connection(name), commands) for name, commands in by_node.items()]
+
+    def _node_connection(self, name: str) -> Connection:
+        conn = self._conns.get(name)
+        if conn is None:
+            node = self._cluster.get_node(node_name=name)
+            conn = self._conns[name] = own_connection(self._cluster.get_redis_connection(node))
+        return conn
+
+    def _drop_connections(self, owed: list[tuple[Connection, int]]) -> None:
+        super()._drop_connections(owed)
+        self._conns.clear()  # a node may have failed over: find them again
+
+    def close(self) -> None:
+        super().close()
+        for conn in self._conns.values():
+            conn.disconnect()
 
     def _write(self, docs: list[VersionedDoc]) -> None:
         try:
@@ -271,6 +340,14 @@ class _ClusterDocPartition(_DocPartition):
 
     def _node(self, slot: int) -> Any:
         return self._cluster.nodes_manager.get_node_from_slot(slot)
+
+
+def own_connection(client: redis.Redis) -> Connection:
+    """A connection outside ``client``'s pool, of the pool's kind and settings: replies
+    owed come back on it in order. It connects at the first command, and again after an
+    error."""
+    pool = client.connection_pool
+    return cast(Connection, pool.connection_class(**pool.connection_kwargs))
 
 
 def slot_groups(docs: list[VersionedDoc]) -> list[tuple[int, list[VersionedDoc]]]:

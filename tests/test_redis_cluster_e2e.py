@@ -196,7 +196,8 @@ def test_sink_never_goes_back_across_slots_and_reloads_its_script(cluster, conn,
         return VersionedDoc(layout.score(cid), version, orjson.dumps({"v": version}))
 
     ids = [f"c{i}" for i in range(600)]
-    sink.write_batch([doc(c, 5) for c in ids])
+    sink.write_batch([doc(c, 5) for c in ids])  # sent to each slot's node, not waited for
+    sink.snapshot()  # the end of the epoch: refused for want of the script, so redone
     sha = hashlib.sha1(WRITE_IF_NEWER.encode()).hexdigest()
     assert all(node.script_exists(sha) == [True] for node in nodes.values())
     per_node = keys_per_node(conn, layout.score_pattern())
@@ -209,10 +210,19 @@ def test_sink_never_goes_back_across_slots_and_reloads_its_script(cluster, conn,
     batch = [doc(c, 3) for c in ids] + [doc(c, 7) for c in ids[::2]] + [doc(c, 6) for c in ids[::2]]
     random.Random(1).shuffle(batch)
     sink.write_batch(batch)
+    sink.write_batch([doc(ids[1], 8)])  # the next batch confirms the one before first
     assert restarted.script_exists(sha) == [True]
     versions = {c: int(conn.hget(layout.score(c), "v")) for c in ids}
-    assert versions == {c: 7 if i % 2 == 0 else 5 for i, c in enumerate(ids)}
+    assert versions == {c: 8 if c == ids[1] else 7 if i % 2 == 0 else 5
+                        for i, c in enumerate(ids)}
     assert lost == []
+
+    # The sink's connections dropped while idle: the next batch finds out and is redone.
+    for node in nodes.values():
+        node.client_kill_filter(_type="normal", skipme=True)
+    sink.write_batch([doc(c, 9) for c in ids[:10]])
+    sink.snapshot()
+    assert [int(conn.hget(layout.score(c), "v")) for c in ids[:10]] == [9] * 10
 
     # PUBLISH from the script reaches a subscriber on another node than the document's.
     cid = ids[1]
@@ -221,14 +231,16 @@ def test_sink_never_goes_back_across_slots_and_reloads_its_script(cluster, conn,
     pubsub.subscribe(layout.updates(cid))
     try:
         assert pubsub.get_message(timeout=5)["type"] == "subscribe"
-        sink.write_batch([VersionedDoc(layout.score(cid), 9, b'{"v": 9}', layout.updates(cid))])
+        sink.write_batch([VersionedDoc(layout.score(cid), 10, b'{"v": 10}', layout.updates(cid))])
         message = pubsub.get_message(timeout=5)
-        assert message is not None and message["data"] == b'{"v": 9}'
+        assert message is not None and message["data"] == b'{"v": 10}'
     finally:
         pubsub.close()
+    sink.snapshot()
 
     conn.delete(layout.store_marker())  # the marker's node lost its data
-    sink.write_batch([doc(ids[0], 10)])
+    sink.write_batch([doc(ids[0], 11)])
+    sink.snapshot()
     assert lost == [layout.store_marker()]
     sink.close()
 
