@@ -24,7 +24,6 @@ _ROW = re.compile(r"^(?P<name>\S.*?)\s+(?P<seconds>[\d.]+)\s+(?P<rate>[\d,]+)\s+
 class Row:
     seconds: float
     events_per_s: float
-    ratio: float
 
 
 @dataclass(frozen=True)
@@ -43,13 +42,18 @@ class Throughput:
                     if name.startswith("scoring flow, recovery"))
 
     @property
+    def ratio(self) -> float:
+        """From the rates: crmscore bench prints its ratio column rounded to 0.01."""
+        return self.everything_on.events_per_s / self.trivial.events_per_s
+
+    @property
     def met(self) -> str:
-        return "met" if self.everything_on.ratio >= TARGET_RATIO else "**not met**"
+        return "met" if self.ratio >= TARGET_RATIO else "**not met**"
 
     def summary(self) -> list[str]:
         return [f"| flow throughput, everything on / trivial flow | "
                 f"{self.everything_on.events_per_s:,.0f} / {self.trivial.events_per_s:,.0f} "
-                f"events/s = **{self.everything_on.ratio:.1%}** | ≥ {TARGET_RATIO:.0%} "
+                f"events/s = **{self.ratio:.1%}** | ≥ {TARGET_RATIO:.0%} "
                 f"| {self.met} |"]
 
     def markdown(self) -> list[str]:
@@ -60,7 +64,7 @@ class Throughput:
             f"Scoring flow with everything on (recovery snapshots): "
             f"**{self.everything_on.events_per_s:,.0f} events/s** vs "
             f"{self.trivial.events_per_s:,.0f} for the trivial flow: "
-            f"**{self.everything_on.ratio:.1%}** (target ≥ {TARGET_RATIO:.0%}: {self.met}).",
+            f"**{self.ratio:.1%}** (target ≥ {TARGET_RATIO:.0%}: {self.met}).",
         ]
 
 
@@ -74,6 +78,5 @@ def measure(customers: int, workdir: Path) -> Throughput:
     for line in done.stdout.splitlines():
         if match := _ROW.match(line):
             rows[match["name"]] = Row(float(match["seconds"]),
-                                      float(match["rate"].replace(",", "")),
-                                      float(match["ratio"]))
+                                      float(match["rate"].replace(",", "")))
     return Throughput(customers, done.stdout, rows)
