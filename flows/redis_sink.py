@@ -21,6 +21,7 @@ bytewax commits it (flows/own_sink.py, ``_PipelinedPartition``).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -88,20 +89,20 @@ class RedisDocSink(OwnPartitionSink[VersionedDoc]):
         # Built once, on the worker's own thread, before any item flows.
         keep_thread_state()
         marker = RedisLayout(self._settings.redis_prefix).store_marker()
-        client = redis_client(self._settings)
-        if isinstance(client, redis.RedisCluster):
-            return _ClusterDocPartition(client, marker, self._on_lost)
-        return _RedisDocPartition(client, marker, self._on_lost)
+        kind = _ClusterDocPartition if self._settings.redis_cluster else _RedisDocPartition
+        return kind(functools.partial(redis_client, self._settings), marker, self._on_lost)
 
 
 class _DocPartition(StatefulSinkPartition[VersionedDoc, None]):
     """What a sink partition does whatever Redis it writes to: keep the newest version of
-    each key in a batch, and write until Redis confirms."""
+    each key in a batch, and write until Redis confirms. Its client is made at the first
+    write: a process lists 64 partitions and writes through one (flows/own_sink.py)."""
 
     retryable: tuple[type[Exception], ...] = _RETRYABLE  # errors a write waits out
 
-    def __init__(self, client: RedisClient, marker: str, on_lost: OnLost) -> None:
-        self._client = client
+    def __init__(self, connect: Callable[[], RedisClient], marker: str,
+                 on_lost: OnLost) -> None:
+        self._connect = connect
         self._sha = hashlib.sha1(WRITE_IF_NEWER.encode()).hexdigest()
         self._marker = marker
         self._on_lost = on_lost
@@ -125,11 +126,16 @@ class _DocPartition(StatefulSinkPartition[VersionedDoc, None]):
         """Write ``docs`` and return once Redis confirmed them."""
         raise NotImplementedError
 
+    @functools.cached_property
+    def _client(self) -> RedisClient:
+        return self._connect()
+
     def snapshot(self) -> None:
         return None
 
     def close(self) -> None:
-        self._client.close()
+        if "_client" in self.__dict__:  # made
+            self._client.close()
 
 
 Command = tuple[Any, ...]
@@ -158,8 +164,9 @@ class _PipelinedPartition(_DocPartition):
     # Errors of a batch in flight that writing it again, and waiting, sets right.
     redone: tuple[type[Exception], ...] = (redis.exceptions.NoScriptError,)
 
-    def __init__(self, client: RedisClient, marker: str, on_lost: OnLost) -> None:
-        super().__init__(client, marker, on_lost)
+    def __init__(self, connect: Callable[[], RedisClient], marker: str,
+                 on_lost: OnLost) -> None:
+        super().__init__(connect, marker, on_lost)
         self._sent: _Sent | None = None
 
     def write_batch(self, items: list[VersionedDoc]) -> None:
@@ -236,9 +243,9 @@ class _PipelinedPartition(_DocPartition):
 class _RedisDocPartition(_PipelinedPartition):
     """Writes to a single Redis."""
 
-    def __init__(self, client: redis.Redis, marker: str, on_lost: OnLost) -> None:
-        super().__init__(client, marker, on_lost)
-        self._conn = own_connection(client)
+    @functools.cached_property
+    def _conn(self) -> Connection:
+        return own_connection(cast(redis.Redis, self._client))
 
     def _plan(self, docs: list[VersionedDoc]) -> list[tuple[Connection, list[Command]]]:
         commands: list[Command] = [("EXISTS", self._marker)]
@@ -255,7 +262,8 @@ class _RedisDocPartition(_PipelinedPartition):
 
     def close(self) -> None:
         super().close()
-        self._conn.disconnect()
+        if "_conn" in self.__dict__:  # made
+            self._conn.disconnect()
 
 
 class _ClusterDocPartition(_PipelinedPartition):
@@ -269,10 +277,14 @@ class _ClusterDocPartition(_PipelinedPartition):
     redone = (redis.exceptions.NoScriptError, redis.exceptions.MovedError,
               redis.exceptions.AskError)
 
-    def __init__(self, client: redis.RedisCluster, marker: str, on_lost: OnLost) -> None:
-        super().__init__(client, marker, on_lost)
-        self._cluster = client
+    def __init__(self, connect: Callable[[], RedisClient], marker: str,
+                 on_lost: OnLost) -> None:
+        super().__init__(connect, marker, on_lost)
         self._conns: dict[str, Connection] = {}  # by node name
+
+    @property
+    def _cluster(self) -> redis.RedisCluster:
+        return cast(redis.RedisCluster, self._client)
 
     def _plan(self, docs: list[VersionedDoc]) -> list[tuple[Connection, list[Command]]]:
         by_node: dict[str, list[Command]] = {self._node(key_slot(self._marker.encode())).name:

@@ -103,3 +103,12 @@ def test_sink_waits_out_a_frozen_redis_and_loses_nothing(private_redis, conn, ca
     assert "Redis write of 50 documents failed" in caplog.text
     assert all(conn.hget(d.key, "v") == b"1" for d in docs)
     sink.close()
+
+
+def test_a_partition_never_written_never_connects() -> None:
+    """A process lists 64 sink partitions and writes through one (flows/own_sink.py):
+    the others make no client, not even a cluster client that reads the slot map."""
+    nowhere = Settings(redis_url="redis://127.0.0.1:1/0", redis_cluster=True)
+    part = RedisDocSink(nowhere).build_part("redis", "5", None)
+    part.snapshot()
+    part.close()
