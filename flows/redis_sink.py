@@ -86,7 +86,7 @@ class RedisDocSink(OwnPartitionSink[VersionedDoc]):
         self._on_lost = on_lost
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _DocPartition:
-        # Built once, on the worker's own thread, before any item flows.
+        # Built on the worker's own thread (each of its partitions), before any item flows.
         keep_thread_state()
         marker = RedisLayout(self._settings.redis_prefix).store_marker()
         kind = _ClusterDocPartition if self._settings.redis_cluster else _RedisDocPartition
