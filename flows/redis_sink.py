@@ -16,7 +16,7 @@ node that owns the slot. PUBLISH from a script reaches subscribers on every node
 (classic pub/sub is broadcast over the cluster bus).
 
 The sink does not wait for each batch: it waits at the end of each epoch, before
-bytewax commits it (flows/own_sink.py, ``_PipelinedPartition``).
+bytewax commits it (flows/own_sink.py, ``_DocPartition``).
 """
 
 from __future__ import annotations
@@ -93,51 +93,6 @@ class RedisDocSink(OwnPartitionSink[VersionedDoc]):
         return kind(functools.partial(redis_client, self._settings), marker, self._on_lost)
 
 
-class _DocPartition(StatefulSinkPartition[VersionedDoc, None]):
-    """What a sink partition does whatever Redis it writes to: keep the newest version of
-    each key in a batch, and write until Redis confirms. Its client is made at the first
-    write: a process lists 64 partitions and writes through one (flows/own_sink.py)."""
-
-    retryable: tuple[type[Exception], ...] = _RETRYABLE  # errors a write waits out
-
-    def __init__(self, connect: Callable[[], RedisClient], marker: str,
-                 on_lost: OnLost) -> None:
-        self._connect = connect
-        self._sha = hashlib.sha1(WRITE_IF_NEWER.encode()).hexdigest()
-        self._marker = marker
-        self._on_lost = on_lost
-
-    def write_batch(self, items: list[VersionedDoc]) -> None:
-        self._write_until_done(newest_versions(items))
-
-    def _write_until_done(self, docs: list[VersionedDoc]) -> None:
-        backoff = 0.05
-        while True:
-            try:
-                self._write(docs)
-                return
-            except self.retryable as exc:
-                log.warning("Redis write of %d documents failed (%s); retrying in %.2f s",
-                            len(docs), exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, _MAX_BACKOFF_S)
-
-    def _write(self, docs: list[VersionedDoc]) -> None:
-        """Write ``docs`` and return once Redis confirmed them."""
-        raise NotImplementedError
-
-    @functools.cached_property
-    def _client(self) -> RedisClient:
-        return self._connect()
-
-    def snapshot(self) -> None:
-        return None
-
-    def close(self) -> None:
-        if "_client" in self.__dict__:  # made
-            self._client.close()
-
-
 Command = tuple[Any, ...]
 
 
@@ -148,7 +103,7 @@ class _Sent(NamedTuple):
     owed: list[tuple[Connection, int]]
 
 
-class _PipelinedPartition(_DocPartition):
+class _DocPartition(StatefulSinkPartition[VersionedDoc, None]):
     """Writes without waiting for Redis: a batch's script calls are sent, and their
     replies read at the next batch or at the end of the epoch (``snapshot``), whichever
     comes first. So the flow works on the next batch while Redis writes this one, and
@@ -158,16 +113,27 @@ class _PipelinedPartition(_DocPartition):
     ``out_part_write_batch_duration_seconds``; the epochs' confirmations 0.2 ms).
 
     A batch whose replies are not all confirmed (Redis went away, restarted and lost the
-    script, or moved a slot) is written again by ``_write``, and waited for: each write
-    is a compare-and-set, so a redo is harmless."""
+    script, or moved a slot) is written again by ``_write``, and waited for, until Redis
+    confirms: each write is a compare-and-set, so a redo is harmless.
 
+    The client is made at the first write: a process lists 64 partitions and writes
+    through one (flows/own_sink.py)."""
+
+    retryable: tuple[type[Exception], ...] = _RETRYABLE  # errors a write waits out
     # Errors of a batch in flight that writing it again, and waiting, sets right.
     redone: tuple[type[Exception], ...] = (redis.exceptions.NoScriptError,)
 
     def __init__(self, connect: Callable[[], RedisClient], marker: str,
                  on_lost: OnLost) -> None:
-        super().__init__(connect, marker, on_lost)
+        self._connect = connect
+        self._sha = hashlib.sha1(WRITE_IF_NEWER.encode()).hexdigest()
+        self._marker = marker
+        self._on_lost = on_lost
         self._sent: _Sent | None = None
+
+    @functools.cached_property
+    def _client(self) -> RedisClient:
+        return self._connect()
 
     def write_batch(self, items: list[VersionedDoc]) -> None:
         docs = newest_versions(items)
@@ -191,6 +157,22 @@ class _PipelinedPartition(_DocPartition):
             log.warning("Redis write of %d documents failed (%s); retrying",
                         len(sent.docs), exc)
             self._write_until_done(sent.docs)
+
+    def _write_until_done(self, docs: list[VersionedDoc]) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                self._write(docs)
+                return
+            except self.retryable as exc:
+                log.warning("Redis write of %d documents failed (%s); retrying in %.2f s",
+                            len(docs), exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+
+    def _write(self, docs: list[VersionedDoc]) -> None:
+        """Write ``docs`` and return once Redis confirmed them."""
+        raise NotImplementedError
 
     def _plan(self, docs: list[VersionedDoc]) -> list[tuple[Connection, list[Command]]]:
         """The commands to send for ``docs``, by connection, the marker check first."""
@@ -237,10 +219,11 @@ class _PipelinedPartition(_DocPartition):
 
     def close(self) -> None:
         self.snapshot()
-        super().close()
+        if "_client" in self.__dict__:  # made
+            self._client.close()
 
 
-class _RedisDocPartition(_PipelinedPartition):
+class _RedisDocPartition(_DocPartition):
     """Writes to a single Redis."""
 
     @functools.cached_property
@@ -266,7 +249,7 @@ class _RedisDocPartition(_PipelinedPartition):
             self._conn.disconnect()
 
 
-class _ClusterDocPartition(_PipelinedPartition):
+class _ClusterDocPartition(_DocPartition):
     """Writes to a Redis Cluster: one script call per hash slot group, sent to the node
     owning the slot on a connection of the partition's own. A batch in flight that a
     node refused (it lost the script, or the slot moved) is written again through a
