@@ -109,7 +109,7 @@ class _DocPartition(StatefulSinkPartition[VersionedDoc, None]):
     comes first. So the flow works on the next batch while Redis writes this one, and
     bytewax commits an epoch only once Redis confirmed every document of it. Waiting
     for each batch held the flow's thread for the round trip and Redis's work: 90-103
-    ms of each second at 1,000 events/s on a single Redis, 22-29 ms now (bytewax's
+    ms of each second at 1,000 events/s on a single Redis, 22-30 ms now (bytewax's
     ``out_part_write_batch_duration_seconds``; the epochs' confirmations 0.2 ms).
 
     A batch whose replies are not all confirmed (Redis went away, restarted and lost the
