@@ -369,7 +369,7 @@ def newest_versions(items: list[VersionedDoc]) -> list[VersionedDoc]:
     return list(newest.values())
 
 
-def script_call(sha: str, chunk: list[VersionedDoc]) -> tuple[Any, ...]:
+def script_call(sha: str, chunk: list[VersionedDoc]) -> Command:
     """The command of one WRITE_IF_NEWER call, by SHA, for ``chunk`` (what
     ``evalsha`` sends; redis-py's cluster pipeline blocks that method, not the command)."""
     args: list[Any] = []

@@ -492,7 +492,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
 
     live = op.filter("live_alerts", alerts, is_published)
     output_here("alerts_out", op.map("alert_message", live, alert_message),
-                 KafkaTopicSink(settings, settings.alerts_topic, share))
+                KafkaTopicSink(settings, settings.alerts_topic, share))
     alert_report = op.stateful_batch(
         "alert_report",
         to_one_key("alert_report", op.merge("alert_report_in", alerts, outcomes), "alerts"),
@@ -502,7 +502,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     refused_early = op.merge("refused_early", refused_or_not.trues, broken)
     refused = op.merge("all_refused", refused_early, refused_late)
     output_here("dead_letters", op.map("to_dead_letter", refused, to_dead_letter),
-                 KafkaTopicSink(settings, settings.dlq_topic, share))
+                KafkaTopicSink(settings, settings.dlq_topic, share))
 
     # Customers count what they refuse; count the transactions refused before them here
     # (a malformed wake-up is not a transaction: dead-lettered, not counted).
@@ -540,7 +540,7 @@ def build_flow(settings: Settings, *, tail: bool = True, on_lost: OnLost = raise
     fired = op.stateful_batch("timers", to_buckets, TimerBucketLogic)
     wakes = op.merge("wakes", due_now, op.key_rm("drop_bucket_key", fired))
     output_here("wake_ups", op.map("encode_wake", wakes, encode_wake),
-                 KafkaTopicSink(settings, timers_topic, share))
+                KafkaTopicSink(settings, timers_topic, share))
 
     docs = op.merge("all_docs", scores, status, model_docs,
                     op.key_rm("drop_alert_report_key", alert_report))
