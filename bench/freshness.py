@@ -19,7 +19,8 @@ buy nothing while measured; they are the population a real flow holds.
 Samples still unseen when the run ends (the flow fell behind) count as slower than
 the wait, so they raise the percentiles instead of vanishing from them. The consumer
 lag (events published minus the status document's events_consumed) is reported at
-the end of publishing and after the wait.
+the end of publishing and after the wait; when every sample was seen, the status gets
+up to ``STATUS_GRACE_S`` more to count the events around the last one.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import grpc
 import orjson
 
 from bench.memory import scale_events
-from bench.processes import Pipeline, Stack, private_stack, wait_until
+from bench.processes import Pipeline, Stack, cpu_seconds, private_stack, wait_until
 from crmscore.clients import producer
 from crmscore.embedded import free_port, port_open
 from crmscore.replay import TokenBucket, publish_lines
@@ -103,6 +104,7 @@ def purchase(event_id: str, customer_id: str, currency: str = "EUR") -> bytes:
 HISTORY_DAYS = 365
 SETTLE_S = 10.0  # after the clock jump: its burst of wake-ups, and several epochs
 HELD_SETTLE_S = 60.0  # with customers held: their wake-ups, and the snapshot of them all
+STATUS_GRACE_S = 2.0  # the most the status's count may trail the documents by, read as lag
 
 
 def history(directory: Path, customers: int, held: int = 0
@@ -146,6 +148,9 @@ class Freshness:
     held: int = 0  # more customers in the flow's state, not buying
     restarted: bool = False  # the flow was restarted on its store before measuring
     epoch_s: float | None = None  # the snapshot interval it ran at, as its log said
+    # The flow process's CPU seconds per second while publishing: near 1.0 its one
+    # thread had no time to spare, and the latencies are its backlog.
+    flow_cpu: float | None = None
 
     @property
     def unseen(self) -> int:
@@ -193,6 +198,8 @@ class Freshness:
         if self.epoch_s is not None:
             errors += (f"; {'restarted on its store, ' if self.restarted else ''}"
                        f"it ran {self.epoch_s:g} s epochs")
+        if self.flow_cpu is not None:
+            errors += f"; the flow process used {self.flow_cpu:.0%} of a core while publishing"
         if self.kept_up:
             return f"- {self.rate:,.0f}/s: the flow kept up{errors}."
         behind = self.lag_at_end / max(self.consumed_rate, 1.0)
@@ -279,17 +286,25 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
             probe = subprocess.Popen([sys.executable, "-m", "bench.redis_probe", stack.redis_url,
                                       pipeline.layout.prefix, str(probe_out), str(time.time())])
             time.sleep(0.5)  # subscribed before the first measured purchase
+            cpu_before = cpu_seconds(flow.process.pid)
             started = time.monotonic()
             publish_lines(settings, _paced(ids, currency, counts, total, rate, rng, samples),
                           kafka=kafka)
             published_s = time.monotonic() - started
+            cpu_after = cpu_seconds(flow.process.pid)
             consumed_at_end = pipeline.events_consumed()
             waited_from = time.monotonic()
             deadline = waited_from + max_wait_s
             while samples.unseen() and time.monotonic() < deadline:
                 time.sleep(0.05)
             waited_s = time.monotonic() - waited_from
-            consumed_after = pipeline.events_consumed()
+            published_all = len(lines) + 1 + total
+            # The wait ends with the last sample's document, often before the status
+            # counts the batches around it: give the count the moment it trails by.
+            grace_ends = time.monotonic() + (0.0 if samples.unseen() else STATUS_GRACE_S)
+            while (consumed_after := pipeline.events_consumed()) < published_all \
+                    and time.monotonic() < grace_ends:
+                time.sleep(0.05)
             latencies_s, unseen = samples.result()
             probe.terminate()
             probe.wait(30)
@@ -299,13 +314,14 @@ def measure(stack: Stack, rate: float, seconds: float, customers: int, watched: 
             call.cancel()
         server.stop()
         flow.stop()
-    published_all = len(lines) + 1 + total
     return Freshness(
         rate, seconds, customers, watched, total, total / published_s,
         len(latencies_s) + unseen, latencies_s, waited_s,
         published_all - consumed_at_end, published_all - consumed_after,
         (consumed_at_end - consumed_before) / published_s, dict(samples.watch_errors),
         in_redis_s, held, restart, ran_epochs_s(flow.log_tail(chars=10**7)),
+        None if cpu_before is None or cpu_after is None
+        else (cpu_after - cpu_before) / published_s,
     )
 
 

@@ -204,6 +204,17 @@ def peak_rss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time of a running process (all its threads), None once gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # after the command's ")": state is field 3, utime and stime fields 14 and 15
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str, child: Child | None = None,
                interval: float = 0.05) -> None:
     """Poll ``condition()`` until true; fail after ``timeout`` s or when ``child`` exits."""

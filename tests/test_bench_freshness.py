@@ -1,12 +1,16 @@
 """The freshness bench's history, with customers held beside it (bench/freshness.py)."""
 
 import logging
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 import orjson
 from bytewax.recovery import init_db_dir
 
 from bench.freshness import history, ran_epochs_s
+from bench.processes import cpu_seconds
 from flows.recovery_scan import ScanWatch
 
 
@@ -33,3 +37,22 @@ def test_the_interval_a_flow_ran_at_is_read_from_its_log(tmp_path, caplog):
     assert chosen == 0.75
     assert ran_epochs_s(caplog.text) == 0.75
     assert ran_epochs_s("flow starting") is None
+
+
+def test_a_process_cpu_time_grows_while_it_works_not_while_it_sleeps():
+    """The bench's flow CPU share (bench/processes.py cpu_seconds, from /proc)."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.3)  # both started
+        busy_before, idle_before = cpu_seconds(busy.pid), cpu_seconds(idle.pid)
+        time.sleep(1.0)
+        busy_used = cpu_seconds(busy.pid) - busy_before
+        idle_used = cpu_seconds(idle.pid) - idle_before
+    finally:
+        for process in (busy, idle):
+            process.kill()
+            process.wait()
+    assert busy_used > 0.3  # a spinning thread: most of a second, on a busy machine less
+    assert idle_used < 0.05
+    assert cpu_seconds(busy.pid) is None  # gone
