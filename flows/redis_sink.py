@@ -16,7 +16,7 @@ node that owns the slot. PUBLISH from a script reaches subscribers on every node
 (classic pub/sub is broadcast over the cluster bus).
 
 The sink does not wait for each batch: it waits at the end of each epoch, before
-bytewax commits it (flows/own_sink.py, ``_DocPartition``).
+bytewax commits it (flows/own_sink.py says why that holds; ``_DocPartition`` below).
 """
 
 from __future__ import annotations
